@@ -1,0 +1,44 @@
+"""LightningCLI wiring: `python cli.py fit|test --config configs/<method>.yaml [--section.option value]`."""
+from __future__ import annotations
+
+import os
+import warnings
+
+from lightning.pytorch.cli import LightningCLI
+
+from editing.data.module import EditDataModule
+from editing.editors.base import Editor
+
+TRAINER_DEFAULTS = {
+    "max_epochs": 1,
+    "num_sanity_val_steps": 0,
+    "limit_val_batches": 0,
+    "enable_model_summary": False,
+    "default_root_dir": "runs",
+    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                   "init_args": {"filename": "edit", "save_last": False}}],
+}
+
+# Lightning warns about things that are deliberate here: no optimiser (editors optimise inside the
+# edit step), small "datasets" of edit steps, and a CPU-only machine.
+for pattern in (r".*configure_optimizers.*returned `None`.*", r".*does not have many workers.*",
+                r".*GPU available but not used.*", r".*`training_step` returned `None`.*",
+                r".*The number of training batches.*", r".*Total length of .* across ranks is zero.*"):
+    warnings.filterwarnings("ignore", message=pattern)
+
+
+class EditingCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="after `fit`, evaluate the edited model and print the metrics table")
+
+    def after_fit(self) -> None:
+        if self.config[self.subcommand].get("test_after_fit"):
+            self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+def main(args=None) -> EditingCLI:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return EditingCLI(Editor, EditDataModule, subclass_mode_model=True, trainer_defaults=TRAINER_DEFAULTS,
+                      save_config_kwargs={"overwrite": True}, args=args)

@@ -1,0 +1,140 @@
+"""`EditDataModule`: benchmark files -> edit steps (training) and evaluation cases (testing)."""
+from __future__ import annotations
+
+import random
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from editing.data.readers import load_benchmark
+from editing.data.records import Benchmark, EditRequest, EvalCase
+
+
+class _ListDataset(Dataset):
+    def __init__(self, items: list):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def _as_list(batch):
+    return batch
+
+
+class EveryRankSampler(DistributedSampler):
+    """All edit steps, in order, on every rank: every rank applies the same edits, so the edited
+    models stay identical (editors that shard work gather it themselves)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __iter__(self):
+        return iter(range(len(self.dataset)))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+class ShardSampler(DistributedSampler):
+    """Evaluation cases split across ranks without repeats (DistributedSampler pads by repeating
+    samples, which would bias the metrics)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        self.dataset, self.num_replicas, self.rank = dataset, num_replicas, rank
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+class EditDataModule(pl.LightningDataModule):
+    """Reads a benchmark and serves it as edit steps and evaluation cases.
+
+    Args:
+        path: a benchmark file, a ParaRel folder, or a Hugging Face dataset name/folder; None = the
+            shipped ParaRel benchmark of `kind`.
+        format: force a layout (counterfact, zsre, jsonl, pararel, hf) instead of detecting it.
+        kind: which ParaRel set: "counterfactual" (COUNTERFACT-style) or "factual" (iReVa-style).
+        split: dataset split for Hugging Face datasets.
+        num_edits: how many requests to edit (-1 = all).
+        seed: seed of the ParaRel builder and of shuffling.
+        shuffle: pick `num_edits` requests at random (seeded) instead of the first ones.
+        edit_batch_size: requests per edit step: 1 = sequential editing, N = consecutive batches of N
+            without rollback, -1 = all requests in one step.
+        eval_batch_size: evaluation cases per test batch.
+    """
+
+    def __init__(self, path: str | None = None, format: str | None = None, kind: str = "counterfactual",
+                 split: str = "train", num_edits: int = 50, seed: int = 0, shuffle: bool = False,
+                 edit_batch_size: int = 1, eval_batch_size: int = 8):
+        super().__init__()
+        self.save_hyperparameters()
+        if num_edits == 0 or num_edits < -1:
+            raise ValueError(f"num_edits must be positive or -1 (all), got {num_edits}")
+        if edit_batch_size == 0 or edit_batch_size < -1:
+            raise ValueError(f"edit_batch_size must be positive or -1 (all), got {edit_batch_size}")
+        self.benchmark: Benchmark | None = None
+        self.requests: list[EditRequest] = []
+
+    # --- what was read ---------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.benchmark is not None:
+            return
+        h = self.hparams
+        self.benchmark = load_benchmark(h.path, format=h.format, kind=h.kind, split=h.split, seed=h.seed)
+        requests = list(self.benchmark.requests)
+        if h.shuffle:
+            random.Random(h.seed).shuffle(requests)
+        self.requests = requests if h.num_edits == -1 else requests[: h.num_edits]
+        if not self.requests:
+            raise ValueError(f"{self.benchmark.source or self.benchmark.name} holds no edit requests")
+
+    @property
+    def style(self) -> str:
+        self.setup()
+        return self.benchmark.style
+
+    @property
+    def num_selected(self) -> int:
+        self.setup()
+        return len(self.requests)
+
+    @property
+    def description(self) -> str:
+        self.setup()
+        return self.benchmark.name
+
+    # --- edit steps ------------------------------------------------------------------------------
+    def edit_steps(self) -> list[list[EditRequest]]:
+        self.setup()
+        n = self.hparams.edit_batch_size
+        n = len(self.requests) if n == -1 else n
+        return [self.requests[i:i + n] for i in range(0, len(self.requests), n)]
+
+    def eval_cases(self) -> list[EvalCase]:
+        self.setup()
+        return [EvalCase.from_request(r, i) for i, r in enumerate(self.requests)]
+
+    def train_dataloader(self) -> DataLoader:
+        ds = _ListDataset(self.edit_steps())
+        return DataLoader(ds, batch_size=None, sampler=EveryRankSampler(ds), collate_fn=_as_list)
+
+    def test_dataloader(self) -> DataLoader:
+        ds = _ListDataset(self.eval_cases())
+        world, rank = 1, 0
+        if self.trainer is not None:
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+        return DataLoader(ds, batch_size=self.hparams.eval_batch_size, sampler=ShardSampler(ds, world, rank),
+                          collate_fn=_as_list)

@@ -1,0 +1,140 @@
+"""The records every reader produces and every editor consumes.
+
+`EditRequest` is one fact to write into the model; `Benchmark` is a named list of them plus the
+evaluation style the file follows; `EvalCase` is what evaluation runs for one request: every prompt
+of every kind, each with the target that is teacher-forced and, where the style compares two answers,
+the contrasting one.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Style = Literal["counterfact", "zsre"]
+STYLES: tuple[str, ...] = ("counterfact", "zsre")
+
+# Evaluation prompt kinds, in report order.
+KINDS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood", "locality")
+
+
+class DataError(ValueError):
+    """Bad input: names the file, the record index and the field."""
+
+    def __init__(self, message: str, *, file: str | None = None, record: int | None = None,
+                 field: str | None = None):
+        where = []
+        if file is not None:
+            where.append(f"file {file!r}")
+        if record is not None:
+            where.append(f"record {record}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        prefix = ", ".join(where)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+        self.file, self.record, self.field = file, record, field
+
+
+@dataclass
+class EditRequest:
+    """One edit: make `prompt.format(subject)` continue with `target_new`.
+
+    `prompt` is a template holding exactly one ``{}`` where the subject goes. Targets are stored
+    without a leading space; tokenisation adds the separator (see `editing.tokens`).
+    """
+
+    case_id: str
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    paraphrase_prompts: list[str] = field(default_factory=list)
+    neighborhood_prompts: list[str] = field(default_factory=list)
+    locality_prompt: str | None = None
+    locality_answer: str | None = None
+    generation_prompts: list[str] = field(default_factory=list)
+    relation_id: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The edit prompt with the subject filled in."""
+        return self.prompt.replace("{}", self.subject, 1)
+
+    def validate(self, *, file: str | None = None, record: int | None = None) -> "EditRequest":
+        def fail(msg: str, fld: str) -> None:
+            raise DataError(msg, file=file, record=record, field=fld)
+
+        if not isinstance(self.subject, str) or not self.subject.strip():
+            fail("the subject is empty", "subject")
+        if not isinstance(self.prompt, str) or self.prompt.count("{}") != 1:
+            fail(f"the prompt must hold exactly one '{{}}' for the subject, got {self.prompt!r}", "prompt")
+        if not isinstance(self.target_new, str) or not self.target_new.strip():
+            fail("the new target is empty", "target_new")
+        if self.target_true is not None and (not isinstance(self.target_true, str) or not self.target_true.strip()):
+            fail("the true target is empty", "target_true")
+        if self.text.strip() == "":
+            fail("the prompt is empty", "prompt")
+        if (self.locality_prompt is None) != (self.locality_answer is None):
+            fail("a locality prompt needs a locality answer and the reverse", "locality_answer")
+        if self.locality_answer is not None and not self.locality_answer.strip():
+            fail("the locality answer is empty", "locality_answer")
+        for name in ("paraphrase_prompts", "neighborhood_prompts", "generation_prompts"):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not all(isinstance(p, str) and p.strip() for p in value):
+                fail("must be a list of non-empty strings", name)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EditRequest":
+        return cls(**d)
+
+
+@dataclass
+class EvalPrompt:
+    """One prompt to score. `target` is teacher-forced; `contrast` (if any) is compared with it."""
+
+    kind: str
+    prompt: str
+    target: str
+    contrast: str | None = None
+
+
+@dataclass
+class EvalCase:
+    """Everything evaluation runs for one edit request."""
+
+    index: int
+    request: EditRequest
+    prompts: list[EvalPrompt]
+
+    @classmethod
+    def from_request(cls, request: EditRequest, index: int) -> "EvalCase":
+        r = request
+        prompts = [EvalPrompt("rewrite", r.text, r.target_new, r.target_true)]
+        prompts += [EvalPrompt("paraphrase", p, r.target_new, r.target_true) for p in r.paraphrase_prompts]
+        if r.target_true is not None:
+            # Neighbourhood prompts share the relation and the *true* object: they should keep it.
+            prompts += [EvalPrompt("neighborhood", p, r.target_true, r.target_new)
+                        for p in r.neighborhood_prompts]
+        if r.locality_prompt is not None:
+            prompts.append(EvalPrompt("locality", r.locality_prompt, r.locality_answer))
+        return cls(index=index, request=r, prompts=prompts)
+
+
+@dataclass
+class Benchmark:
+    """A list of requests read from one source, with the evaluation style it follows."""
+
+    name: str
+    style: str
+    requests: list[EditRequest]
+    source: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"unknown benchmark style {self.style!r}; expected one of {STYLES}")
+
+    def __len__(self) -> int:
+        return len(self.requests)

@@ -1,0 +1,103 @@
+"""Fine-tuning baselines: FT-L, FT-M and FT-WD on the MLP output projection of chosen layers.
+
+The trainable state is one weight delta per edited layer, added to the projection's output through a
+hook (so `disabled()` is exact and a checkpoint holds only the deltas). Variants:
+- FT-L (ROME's "constrained fine-tuning", Zhu et al. 2020): `objective="prompt_last"` (every target
+  token's log-probability at the last prompt position) with an L-infinity bound `norm_constraint` on
+  the change of each weight within an edit step.
+- FT-M (EasyEdit): `objective="target_tokens"`: teacher-forced NLL of the target tokens only.
+- FT-WD (JEEP's baseline): `weight_decay > 0` with AdamW. Decay acts on the delta, i.e. it pulls the
+  weights towards the *original* weights rather than towards zero.
+Each edit step runs `steps` optimiser steps over all its requests at once, stopping early when the
+loss falls below `early_stop_loss`. Steps accumulate (sequential editing, no rollback).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from editing import hooks
+from editing.data.records import EditRequest
+from editing.editors.base import Editor
+from editing.layout import linear
+from editing.tokens import encode
+
+OBJECTIVES = ("target_tokens", "prompt_last")
+
+
+class FT(Editor):
+    """Fine-tune the MLP output projection of `layers`.
+
+    Args:
+        layers: layers whose MLP output projection is tuned (negative counts from the end).
+        lr: optimiser learning rate.
+        steps: optimiser steps per edit step.
+        objective: "target_tokens" (FT-M) or "prompt_last" (FT-L).
+        norm_constraint: L-infinity bound on each weight's change per edit step (FT-L); None = none.
+        weight_decay: AdamW decoupled weight decay on the delta (FT-WD); 0 = Adam.
+        early_stop_loss: stop an edit step once the loss is below this.
+    """
+
+    method = "ft"
+
+    def __init__(self, layers: list[int] = [-9], lr: float = 5e-4, steps: int = 25,
+                 objective: str = "target_tokens", norm_constraint: float | None = None,
+                 weight_decay: float = 0.0, early_stop_loss: float = 1e-2, **kwargs):
+        super().__init__(**kwargs)
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if not layers:
+            raise ValueError("FT needs at least one layer")
+        self.layers = sorted({self.layout.layer_index(l) for l in layers})
+        self.deltas = nn.ParameterDict({
+            str(l): nn.Parameter(torch.zeros_like(self.layout.mlp_out_weight(l), dtype=torch.float32))
+            for l in self.layers})
+        for l in self.layers:
+            hooks.attach_io(self.layout.mlp_out(l), self._adder(l))
+
+    def _adder(self, layer: int):
+        module = self.layout.mlp_out(layer)
+
+        def fn(x: torch.Tensor, out: torch.Tensor):
+            if not self.enabled:
+                return None
+            delta = self.deltas[str(layer)]
+            return out + linear(module, x.to(delta.dtype), delta).to(out.dtype)
+        return fn
+
+    def loss(self, requests: list[EditRequest]) -> torch.Tensor:
+        prompts = [r.text for r in requests]
+        targets = [r.target_new for r in requests]
+        if self.hparams.objective == "target_tokens":
+            lp, batch = self.target_logprobs(prompts, targets)
+            tok = lp.gather(-1, batch.target_ids[..., None]).squeeze(-1) * batch.target_mask
+        else:  # prompt_last: every target token scored at the last prompt position
+            batch = encode(self.tokenizer, [self.prepare_prompt(p) for p in prompts], targets).to(self.device)
+            logits = self.logits_at(batch.input_ids, batch.attention_mask, batch.prompt_last[:, None])
+            lp = torch.log_softmax(logits.float(), -1)[:, 0]
+            tok = lp.gather(-1, batch.target_ids) * batch.target_mask
+        per_request = -tok.sum(1) / batch.target_mask.sum(1)
+        return per_request.mean()
+
+    def apply_edit(self, requests: list[EditRequest]) -> dict:
+        params = [self.deltas[str(l)] for l in self.layers]
+        start = [p.detach().clone() for p in params]
+        opt_cls = torch.optim.AdamW if self.hparams.weight_decay > 0 else torch.optim.Adam
+        opt = opt_cls(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        loss_value, step = float("nan"), 0
+        for step in range(1, self.hparams.steps + 1):
+            opt.zero_grad(set_to_none=True)
+            loss = self.loss(requests)
+            loss_value = float(loss)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss_value}")
+            if loss_value < self.hparams.early_stop_loss:
+                break
+            loss.backward()
+            opt.step()
+            if self.hparams.norm_constraint is not None:
+                eps = self.hparams.norm_constraint
+                with torch.no_grad():
+                    for p, p0 in zip(params, start):
+                        p.copy_(p0 + (p - p0).clamp(-eps, eps))
+        return {"loss": loss_value, "steps": step}

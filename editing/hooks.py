@@ -1,0 +1,165 @@
+"""The one place that reads or changes activations.
+
+Everything is a forward hook (output) or forward pre-hook (input) on a module, given a function
+`fn(tensor) -> tensor | None` that sees the module's hidden-state tensor (the first element when
+the module returns or takes a tuple) and may return a replacement. On top of that:
+
+- `capture(...)`: record a module's input or output, whole or at chosen (row, position) entries;
+- `add_at(...)` / `replace_at(...)`: add a vector to, or overwrite, chosen (row, position) entries;
+- `attach(...)`: a persistent hook for edits that live with the model (adaptors, weight deltas),
+  returning a handle whose `remove()` detaches it.
+
+Positions are per row: a LongTensor [B] (one position per row) or [B, K]; rows are the batch rows.
+Callers derive positions from the attention mask (see `editing.tokens`), so right and left padding
+both work. Context managers always remove their hooks, even when the forward raises.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Literal
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+Where = Literal["input", "output"]
+TensorFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+def _with_first(x, new: torch.Tensor):
+    return (new,) + tuple(x[1:]) if isinstance(x, tuple) else new
+
+
+def attach(module: nn.Module, fn: TensorFn, where: Where = "output") -> RemovableHandle:
+    """Call `fn` on the module's hidden-state input or output at every forward; a returned tensor
+    replaces it. Returns the handle; `handle.remove()` detaches."""
+    if where == "output":
+        def hook(mod, args, output):
+            new = fn(_first(output))
+            return None if new is None else _with_first(output, new)
+        return module.register_forward_hook(hook)
+    if where == "input":
+        def pre_hook(mod, args, kwargs):
+            if args:
+                new = fn(args[0])
+                return None if new is None else ((new,) + tuple(args[1:]), kwargs)
+            name = next(iter(kwargs))  # the hidden state passed by keyword (e.g. hidden_states=)
+            new = fn(kwargs[name])
+            return None if new is None else (args, {**kwargs, name: new})
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    raise ValueError(f"where must be 'input' or 'output', got {where!r}")
+
+
+def attach_io(module: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+              ) -> RemovableHandle:
+    """Call `fn(input, output)` after every forward of the module (hidden-state input and output);
+    a returned tensor replaces the output. For edits computed from a module's input, such as a
+    weight delta (`output + input @ delta.T`)."""
+    def hook(mod, args, kwargs, output):
+        x = args[0] if args else next(iter(kwargs.values()))
+        new = fn(x, _first(output))
+        return None if new is None else _with_first(output, new)
+    return module.register_forward_hook(hook, with_kwargs=True)
+
+
+@contextmanager
+def attached(module: nn.Module, fn: TensorFn, where: Where = "output") -> Iterator[RemovableHandle]:
+    handle = attach(module, fn, where)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def _rows(positions: torch.Tensor, batch: int) -> torch.Tensor:
+    rows = torch.arange(batch, device=positions.device)
+    return rows if positions.dim() == 1 else rows[:, None].expand_as(positions)
+
+
+def gather_at(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x [B, S, ...] at per-row positions [B] -> [B, ...] or [B, K] -> [B, K, ...]."""
+    positions = positions.to(x.device)
+    return x[_rows(positions, x.shape[0]), positions]
+
+
+class Captured(dict):
+    """name -> captured tensor, filled when the forward runs inside `capture`."""
+
+
+@contextmanager
+def capture(modules: dict[str, nn.Module], where: Where = "output",
+            positions: torch.Tensor | None = None, detach: bool = True) -> Iterator[Captured]:
+    """Record each module's input or output (at `positions` if given, else whole) into a dict.
+
+    With several forwards inside the context, the last one wins."""
+    store = Captured()
+    handles = []
+
+    def make(name):
+        def fn(x):
+            val = x if positions is None else gather_at(x, positions)
+            store[name] = val.detach() if detach else val
+            return None
+        return fn
+
+    try:
+        for name, mod in modules.items():
+            handles.append(attach(mod, make(name), where))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _scatter(x: torch.Tensor, positions: torch.Tensor, values: torch.Tensor, add: bool) -> torch.Tensor:
+    positions = positions.to(x.device)
+    rows = _rows(positions, x.shape[0])
+    values = values.to(dtype=x.dtype, device=x.device)
+    out = x.clone()
+    if add:
+        out[rows, positions] = out[rows, positions] + values
+    else:
+        out[rows, positions] = values.expand_as(out[rows, positions])
+    return out
+
+
+@contextmanager
+def add_at(module: nn.Module, positions: torch.Tensor, values: torch.Tensor,
+           where: Where = "output") -> Iterator[None]:
+    """Add `values` ([B, d] for positions [B]; [B, K, d] for [B, K]) at (row, position) entries.
+    Differentiable in `values`."""
+    with attached(module, lambda x: _scatter(x, positions, values, add=True), where):
+        yield
+
+
+@contextmanager
+def replace_at(module: nn.Module, positions: torch.Tensor, values: torch.Tensor,
+               where: Where = "output") -> Iterator[None]:
+    """Overwrite (row, position) entries with `values`. Differentiable in `values`."""
+    with attached(module, lambda x: _scatter(x, positions, values, add=False), where):
+        yield
+
+
+@contextmanager
+def edit(module: nn.Module, fn: TensorFn, where: Where = "output") -> Iterator[None]:
+    """Apply an arbitrary function to the module's input or output for the duration."""
+    with attached(module, fn, where):
+        yield
+
+
+class StopForward(Exception):
+    """Raised by `stop_after` to end a forward pass early."""
+
+
+@contextmanager
+def stop_after(module: nn.Module) -> Iterator[None]:
+    """End the forward as soon as `module` has run (catch `StopForward` around the call): run only
+    the layers you need."""
+    def fn(x):
+        raise StopForward
+    with attached(module, fn, "output"):
+        yield

@@ -1,0 +1,203 @@
+"""Per-architecture facts: the one place that knows where things live inside a model.
+
+Editors ask a `Layout` for modules ("the MLP output projection of block 7") and never test model
+class names. Every supported family is one `Family` entry below; to support a new architecture, add
+an entry to `FAMILIES` (and a tiny-model test in tests/test_layout.py).
+
+Vocabulary (see ../shared/METHODS.md §0-1):
+- *MLP input*: what enters the MLP module (already normalised).
+- *MLP key*: what enters the MLP output projection (`c_proj`, `fc_out`, `dense_4h_to_h`,
+  `down_proj`); for gated MLPs that is act(gate(x)) * up(x).
+- *MLP output weight*: the output projection's weight, always viewed as (out, in), whatever the
+  storage (GPT-2's Conv1D stores (in, out)).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+@dataclass(frozen=True)
+class Family:
+    """Module paths of one architecture family (relative to the model or to a block)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    backbone: str          # the decoder stack whose first output is the final-normed hidden state
+    blocks: str            # the ModuleList of blocks (relative to the model)
+    mlp: str               # relative to a block
+    mlp_out: str           # relative to a block: the MLP output projection
+    attn: str              # relative to a block: the attention module
+    attn_out: str          # relative to a block: the attention output projection
+    final_norm: str        # relative to the model
+    embed: str             # relative to the model: token embeddings
+    parallel_attr: str | None = None   # config attribute that says the block is parallel
+    parallel_default: bool = False
+    activation_attr: str | None = None  # config attribute naming the MLP activation
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("gpt2", ("gpt2",), backbone="transformer", blocks="transformer.h", mlp="mlp",
+           mlp_out="mlp.c_proj", attn="attn", attn_out="attn.c_proj", final_norm="transformer.ln_f",
+           embed="transformer.wte", activation_attr="activation_function"),
+    Family("gptj", ("gptj",), backbone="transformer", blocks="transformer.h", mlp="mlp",
+           mlp_out="mlp.fc_out", attn="attn", attn_out="attn.out_proj", final_norm="transformer.ln_f",
+           embed="transformer.wte", parallel_default=True, activation_attr="activation_function"),
+    Family("gpt_neox", ("gpt_neox",), backbone="gpt_neox", blocks="gpt_neox.layers", mlp="mlp",
+           mlp_out="mlp.dense_4h_to_h", attn="attention", attn_out="attention.dense",
+           final_norm="gpt_neox.final_layer_norm", embed="gpt_neox.embed_in",
+           parallel_attr="use_parallel_residual", activation_attr="hidden_act"),
+    Family("llama", ("llama", "mistral", "qwen2", "qwen3"), backbone="model", blocks="model.layers",
+           mlp="mlp", mlp_out="mlp.down_proj", attn="self_attn", attn_out="self_attn.o_proj",
+           final_norm="model.norm", embed="model.embed_tokens", activation_attr="hidden_act"),
+)
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def family_for(model_type: str) -> Family:
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    supported = sorted(t for fam in FAMILIES for t in fam.model_types)
+    raise UnsupportedModelError(
+        f"unsupported architecture {model_type!r}; supported model types: {', '.join(supported)}. "
+        "To add one, append a Family to FAMILIES in editing/layout.py and a tiny-model test to "
+        "tests/test_layout.py.")
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+class Layout:
+    """The facts of one loaded model, answered from its `Family`."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+        self.family = family_for(model.config.model_type)
+
+    # --- structure -------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(_get(self.model, self.family.blocks))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embedding.weight.shape[1]
+
+    @property
+    def parallel(self) -> bool:
+        """True when attention and MLP both read the block input (GPT-J, NeoX parallel residual)."""
+        if self.family.parallel_attr is None:
+            return self.family.parallel_default
+        return bool(getattr(self.config, self.family.parallel_attr, self.family.parallel_default))
+
+    @property
+    def activation(self) -> str:
+        """Name of the MLP activation ("gelu_new", "silu", ...)."""
+        attr = self.family.activation_attr
+        return str(getattr(self.config, attr)) if attr else "gelu"
+
+    def layer_index(self, layer: int) -> int:
+        """The layer as a non-negative index (negative counts from the end)."""
+        n = self.num_layers
+        if not -n <= layer < n:
+            raise IndexError(f"layer {layer} out of range for a model with {n} layers")
+        return layer % n
+
+    def block_name(self, layer: int) -> str:
+        return f"{self.family.blocks}.{self.layer_index(layer)}"
+
+    def module_name(self, layer: int, part: str) -> str:
+        """Full module path of `part` in {"block", "mlp", "mlp_out", "attn", "attn_out"}."""
+        if part == "block":
+            return self.block_name(layer)
+        rel = {"mlp": self.family.mlp, "mlp_out": self.family.mlp_out, "attn": self.family.attn,
+               "attn_out": self.family.attn_out}.get(part)
+        if rel is None:
+            raise ValueError(f"unknown part {part!r}; expected block, mlp, mlp_out, attn or attn_out")
+        return f"{self.block_name(layer)}.{rel}"
+
+    def module(self, layer: int, part: str) -> nn.Module:
+        return _get(self.model, self.module_name(layer, part))
+
+    def block(self, layer: int) -> nn.Module:
+        return self.module(layer, "block")
+
+    def mlp(self, layer: int) -> nn.Module:
+        """The MLP; its input is the normalised MLP input, its output the MLP's contribution m^l."""
+        return self.module(layer, "mlp")
+
+    def mlp_out(self, layer: int) -> nn.Module:
+        """The MLP output projection; its input is the MLP key, its output m^l."""
+        return self.module(layer, "mlp_out")
+
+    def attn(self, layer: int) -> nn.Module:
+        return self.module(layer, "attn")
+
+    def attn_out(self, layer: int) -> nn.Module:
+        """The attention output projection; its output is the attention's contribution a^l."""
+        return self.module(layer, "attn_out")
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The decoder stack: its first output is the final-normed last hidden state."""
+        return _get(self.model, self.family.backbone)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return _get(self.model, self.family.final_norm)
+
+    @property
+    def embedding(self) -> nn.Module:
+        return _get(self.model, self.family.embed)
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def unembedding(self) -> torch.Tensor:
+        """The unembedding matrix, (vocab, hidden)."""
+        return self.lm_head.weight
+
+    # --- weights -----------------------------------------------------------------------------
+    def mlp_out_weight(self, layer: int) -> torch.Tensor:
+        """The MLP output projection weight as an (out, in) view of the stored tensor."""
+        return weight_out_in(self.mlp_out(layer))
+
+    def mlp_key_size(self, layer: int) -> int:
+        return self.mlp_out_weight(layer).shape[1]
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """True when the module stores its weight as (in, out) (HF Conv1D)."""
+    if isinstance(module, Conv1D):
+        return True
+    if isinstance(module, nn.Linear):
+        return False
+    raise TypeError(f"cannot tell the weight orientation of {type(module).__name__}")
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The module's weight viewed as (out, in); writing into the view writes the weight."""
+    w = module.weight
+    return w.t() if is_transposed(module) else w
+
+
+def linear(module: nn.Module, x: torch.Tensor, weight_out_in_: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T with W given (out, in) (default: the module's own), without the bias."""
+    w = weight_out_in(module) if weight_out_in_ is None else weight_out_in_
+    return x @ w.t()
+
+
+def layout_of(model: nn.Module) -> Layout:
+    """The `Layout` of a loaded model."""
+    return Layout(model)
