@@ -14,10 +14,9 @@ TRAINER_DEFAULTS = {
     "num_sanity_val_steps": 0,
     "limit_val_batches": 0,
     "enable_model_summary": False,
+    # Editors write their own checkpoint at the end of fit (Editor.on_train_end): edit.ckpt.
+    "enable_checkpointing": False,
     "default_root_dir": "runs",
-    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
-    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                   "init_args": {"filename": "edit", "save_last": False}}],
 }
 
 # Lightning warns about things that are deliberate here: no optimiser (editors optimise inside the

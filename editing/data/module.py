@@ -86,7 +86,7 @@ class EditDataModule(pl.LightningDataModule):
         if edit_batch_size == 0 or edit_batch_size < -1:
             raise ValueError(f"edit_batch_size must be positive or -1 (all), got {edit_batch_size}")
         self.benchmark: Benchmark | None = None
-        self.requests: list[EditRequest] = []
+        self._requests: list[EditRequest] = []
 
     # --- what was read ---------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -97,9 +97,15 @@ class EditDataModule(pl.LightningDataModule):
         requests = list(self.benchmark.requests)
         if h.shuffle:
             random.Random(h.seed).shuffle(requests)
-        self.requests = requests if h.num_edits == -1 else requests[: h.num_edits]
-        if not self.requests:
+        self._requests = requests if h.num_edits == -1 else requests[: h.num_edits]
+        if not self._requests:
             raise ValueError(f"{self.benchmark.source or self.benchmark.name} holds no edit requests")
+
+    @property
+    def requests(self) -> list[EditRequest]:
+        """The selected requests, in edit order."""
+        self.setup()
+        return self._requests
 
     @property
     def style(self) -> str:

@@ -70,7 +70,7 @@ class Editor(pl.LightningModule):
         base_model: hub id, local directory, or an embedded name (default: the offline SmolLM2-135M).
         dtype: float32, bfloat16 or float16 for the base model.
         chat_template: wrap every prompt as a user turn of the tokenizer's chat template.
-        eval_batch_size: prompts per forward pass in evaluation.
+        forward_batch_size: prompts per forward pass in evaluation.
         fluency: also generate from the generation prompts and report n-gram entropy.
         fluency_tokens: tokens generated per generation prompt.
         results_name: file name of the evaluation report inside the run directory.
@@ -79,7 +79,7 @@ class Editor(pl.LightningModule):
     method = "editor"
 
     def __init__(self, base_model: str = DEFAULT_MODEL, dtype: str = "float32", chat_template: bool = False,
-                 eval_batch_size: int = 64, fluency: bool = False, fluency_tokens: int = 50,
+                 forward_batch_size: int = 64, fluency: bool = False, fluency_tokens: int = 50,
                  results_name: str = "results.json"):
         super().__init__()
         self.save_hyperparameters()
@@ -229,10 +229,14 @@ class Editor(pl.LightningModule):
         # Editors run their own inner optimisations inside `apply_edit` (manual optimisation).
         return None
 
-    def on_fit_end(self) -> None:
-        cb = self.trainer.checkpoint_callback
-        if self.trainer.is_global_zero and cb is not None and getattr(cb, "last_model_path", None):
-            print(f"edit checkpoint: {cb.last_model_path or cb.best_model_path}")
+    def on_train_end(self) -> None:
+        """Write <run dir>/checkpoints/edit.ckpt: the edit state and the base model's identity
+        (Lightning writes it atomically; every rank calls this, rank 0 writes)."""
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        path = run_dir / "checkpoints" / "edit.ckpt"
+        self.trainer.save_checkpoint(path)
+        if self.trainer.is_global_zero:
+            print(f"edit checkpoint: {path}")
 
     # --- scoring ---------------------------------------------------------------------------------
     def prepare_prompt(self, prompt: str) -> str:
@@ -257,7 +261,7 @@ class Editor(pl.LightningModule):
     def score_prompts(self, cases: list[EvalCase]) -> PromptStats:
         """Teacher-forced statistics of every prompt of every case (see `editing.metrics`)."""
         items = [(c.index, p) for c in cases for p in c.prompts]
-        chunk = max(1, self.hparams.eval_batch_size)
+        chunk = max(1, self.hparams.forward_batch_size)
         kinds, groups, correct, mask, tgt_lp, con_lp, pred, base_pred = [], [], [], [], [], [], [], []
         for s in range(0, len(items), chunk):
             part = items[s:s + chunk]
@@ -339,7 +343,7 @@ class Editor(pl.LightningModule):
         """Python API: metrics (percentages) over the cases (EditRequests are turned into cases)."""
         cases = [c if isinstance(c, EvalCase) else EvalCase.from_request(c, i) for i, c in enumerate(cases)]
         self.start_evaluation(style)
-        chunk = max(1, self.hparams.eval_batch_size // 8)
+        chunk = max(1, self.hparams.forward_batch_size // 8)
         for s in range(0, len(cases), chunk):
             self.update_metrics(cases[s:s + chunk])
         return self.metrics.compute()
@@ -355,9 +359,10 @@ class Editor(pl.LightningModule):
         values = self.metrics.compute()  # synchronised across ranks by torchmetrics
         seconds = time.perf_counter() - (self._eval_started or time.perf_counter())
         self.log_dict({f"test/{k}": float(v) for k, v in values.items()}, rank_zero_only=True)
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank
         if self.trainer.is_global_zero:
             report = self.results(values, seconds)
-            path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / self.hparams.results_name
+            path = run_dir / self.hparams.results_name
             write_json_atomic(report, path)
             from editing.report import markdown_table
             print(markdown_table([report]))

@@ -1,0 +1,72 @@
+"""The command line end to end on a tiny model: fit, test from the checkpoint, the unedited baseline,
+and the same metrics from a two-process DDP test run as from one process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=ROOT, timeout=600):
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout
+
+
+def results(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(root.rglob("results.json"))]
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    out = cli("fit", "--config", "configs/ft.yaml", "--model.init_args.base_model", tiny_dirs["llama"],
+              "--model.init_args.layers", "[1]", "--model.init_args.lr", "0.05", "--data.num_edits", 6,
+              "--data.edit_batch_size", 2, "--trainer.default_root_dir", root / "fit", "--test_after_fit", "true")
+    ckpts = list((root / "fit").rglob("*.ckpt"))
+    assert len(ckpts) == 1 and "edit checkpoint:" in out
+    return root, ckpts[0], out
+
+
+def test_fit_then_test_prints_table_and_writes_results(fitted):
+    root, ckpt, out = fitted
+    [res] = results(root / "fit")
+    assert res["method"] == "ft" and res["num_edits"] == 6 and res["edit_batch_size"] == 2
+    for key in ("reliability", "generality", "locality", "score", "rewrite_acc", "locality_unchanged"):
+        assert key in res["metrics"]
+    assert res["timing"]["edit"] > 0 and res["timing"]["evaluate"] > 0
+    assert "| ft |" in out.replace("  ", " ") or "ft" in out
+    # the checkpoint is the edit, not the model
+    assert ckpt.stat().st_size < 2_000_000
+
+
+def test_ddp_test_matches_one_process(fitted, tiny_dirs):
+    root, ckpt, _ = fitted
+    common = ["test", "--config", "configs/ft.yaml", "--model.init_args.base_model", tiny_dirs["llama"],
+              "--model.init_args.layers", "[1]", "--data.num_edits", 6, "--data.eval_batch_size", 2,
+              "--ckpt_path", ckpt, "--trainer.accelerator", "cpu"]
+    cli(*common, "--trainer.default_root_dir", root / "one")
+    cli(*common, "--trainer.default_root_dir", root / "ddp", "--trainer.strategy", "ddp", "--trainer.devices", 2)
+    [one], [ddp] = results(root / "one"), results(root / "ddp")
+    assert ddp["world_size"] == 2 and one["world_size"] == 1
+    assert one["metrics"].keys() == ddp["metrics"].keys()
+    for k, v in one["metrics"].items():
+        assert ddp["metrics"][k] == pytest.approx(v, abs=1e-6), k
+    [fitted_res] = results(root / "fit")
+    for k, v in fitted_res["metrics"].items():
+        assert one["metrics"][k] == pytest.approx(v, abs=1e-6), k
+
+
+def test_noedit_baseline(tiny_dirs, tmp_path):
+    cli("test", "--config", "configs/noedit.yaml", "--model.init_args.base_model", tiny_dirs["llama"],
+        "--data.num_edits", 4, "--trainer.default_root_dir", tmp_path)
+    [res] = results(tmp_path)
+    assert res["method"] == "noedit"
+    assert res["metrics"]["locality_unchanged"] == 100.0
+    assert res["metrics"]["neighborhood_unchanged"] == 100.0
