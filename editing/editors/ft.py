@@ -88,7 +88,7 @@ class FT(Editor):
         for step in range(1, self.hparams.steps + 1):
             opt.zero_grad(set_to_none=True)
             loss = self.loss(requests)
-            loss_value = float(loss)
+            loss_value = loss.item()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss_value}")
             if loss_value < self.hparams.early_stop_loss:
