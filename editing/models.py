@@ -135,7 +135,8 @@ def fingerprint(model: nn.Module, samples: int = 64) -> dict:
         if not torch.is_floating_point(p) or p.numel() == 0:
             continue
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel())).long()
+        k = min(samples, flat.numel())
+        idx = torch.arange(k, dtype=torch.long) * (flat.numel() - 1) // max(k - 1, 1)
         values.append(flat[idx.to(flat.device)].float().cpu())
     cfg = model.config
     sample = torch.cat(values) if values else torch.zeros(0)

@@ -3,15 +3,17 @@
 ParaRel gives, per Wikidata relation, paraphrase patterns ("The mother tongue of [X] is [Y].") and
 T-REx facts (subject, object). Two benchmarks are built from it, deterministically given a seed:
 
-- "counterfactual" (COUNTERFACT-style, as COUNTERFACT itself was built from ParaRel): the prompt from
-  one pattern, target_true the object, target_new another object of the same relation, paraphrases
-  from two other patterns, neighbourhood prompts about other subjects sharing the relation and the
-  true object, and a locality prompt from an unrelated fact;
-- "factual" (iReVa's PARAREL style): insert the true object, with one paraphrase and a locality
-  prompt from an unrelated fact.
+- "counterfactual" (style "counterfact", built the way COUNTERFACT was built from ParaRel): the prompt
+  from one pattern, target_true the object, target_new another object of the same relation that the
+  subject does not have, paraphrases from two other patterns, neighbourhood prompts about up to five
+  other subjects sharing the relation and the true object, generation prompts, and a locality prompt
+  from a fact of another relation;
+- "factual" (style "zsre", iReVa's PARAREL): insert the true object, with one paraphrase from another
+  pattern and a locality prompt from a fact of another relation.
 
-Only patterns whose object slot ends the sentence can serve as next-token prompts. Relations are
-interleaved round-robin so that the first N records span many relations.
+Only patterns whose object slot ends the sentence can serve as next-token prompts; relations with
+fewer than two such patterns are skipped. Relations are interleaved round-robin in a seeded order so
+that the first N records span many relations.
 
 Regenerate the shipped files with
     python -m editing.data.pararel --root ../shared/data/pararel --out editing/data/benchmarks
@@ -19,148 +21,177 @@ Regenerate the shipped files with
 from __future__ import annotations
 
 import argparse
-import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+from editing.data.readers import read_json_lines, write_jsonl
 from editing.data.records import Benchmark, DataError, EditRequest
 
+KIND_STYLE = {"counterfactual": "counterfact", "factual": "zsre"}
 SHIPPED_SIZE = 1500
+NUM_PARAPHRASES, NUM_NEIGHBOURS, NUM_GENERATION = 2, 5, 2
+
+
+class Fact(NamedTuple):
+    subject: str
+    object: str
+    uuid: str
+    line: int  # record index in the tuples file
+
+
+@dataclass
+class Relation:
+    """One ParaRel relation: its usable prompt templates and its facts, both sorted."""
+
+    id: str
+    templates: list[str]
+    facts: list[Fact]
+    source: str  # the tuples file
 
 
 def usable_template(pattern: str) -> str | None:
-    """"[X] works in the field of [Y]." -> "{} works in the field of"; None if [Y] is not last."""
-    p = pattern.strip()
-    while p and p[-1] in ". ":
-        p = p[:-1]
-    if not p.endswith("[Y]") or p.count("[X]") != 1 or p.count("[Y]") != 1:
+    """"[X] works in the field of [Y]." -> "{} works in the field of"; None unless [Y] ends it."""
+    p = " ".join(pattern.split())
+    if p.endswith("."):
+        p = p[:-1].rstrip()
+    if not p.endswith("[Y]") or p.count("[Y]") != 1 or p.count("[X]") != 1:
         return None
     head = p[:-3].strip()
-    if not head or "{" in head or "}" in head:
+    if head == "[X]" or "{" in head or "}" in head:
         return None
     return head.replace("[X]", "{}")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"not valid JSON ({e.msg})", file=str(path), record=i) from e
+def _rows(path: Path) -> list[dict]:
+    rows = read_json_lines(path)
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"a record must be an object, got {type(row).__name__}", file=str(path), record=i)
     return rows
 
 
-def read_relations(root: str | Path) -> dict[str, tuple[list[str], list[tuple[str, str, str]]]]:
-    """relation id -> (usable templates, facts (subject, object, uuid)) for relations with >= 2 templates."""
+def _field(row: dict, key: str, path: Path, i: int) -> str:
+    if not isinstance(row.get(key), str):
+        raise DataError("missing or not a string", file=str(path), record=i, field=key)
+    return row[key].strip()
+
+
+def read_relation(patterns: Path, tuples: Path) -> Relation:
+    """A relation's usable templates and its usable facts (deduplicated, sorted)."""
+    templates = {usable_template(_field(row, "pattern", patterns, i)) for i, row in enumerate(_rows(patterns))}
+    facts: dict[tuple[str, str], Fact] = {}
+    for i, row in enumerate(_rows(tuples)):
+        s, o = _field(row, "sub_label", tuples, i), _field(row, "obj_label", tuples, i)
+        if s and o and "{" not in s and "}" not in s and (s, o) not in facts:
+            facts[s, o] = Fact(s, o, str(row.get("uuid") or i), i)
+    return Relation(patterns.stem, sorted(t for t in templates if t), sorted(facts.values()), str(tuples))
+
+
+def read_relations(root: str | Path) -> list[Relation]:
+    """Every relation of a ParaRel folder with at least two usable templates and one fact, by id."""
     root = Path(root)
-    out = {}
-    for pfile in sorted((root / "patterns").glob("*.jsonl")):
-        rel = pfile.stem
-        tfile = root / "tuples" / pfile.name
-        if not tfile.exists():
-            continue
-        templates = []
-        for i, row in enumerate(_read_jsonl(pfile)):
-            if "pattern" not in row:
-                raise DataError("missing required field", file=str(pfile), record=i, field="pattern")
-            t = usable_template(row["pattern"])
-            if t is not None and t not in templates:
-                templates.append(t)
-        facts = []
-        for i, row in enumerate(_read_jsonl(tfile)):
-            for key in ("sub_label", "obj_label"):
-                if key not in row:
-                    raise DataError("missing required field", file=str(tfile), record=i, field=key)
-            s, o = str(row["sub_label"]).strip(), str(row["obj_label"]).strip()
-            if s and o and "{" not in s and "}" not in s:
-                facts.append((s, o, str(row.get("uuid", i))))
-        if len(templates) >= 2 and facts:
-            out[rel] = (templates, facts)
-    if not out:
-        raise DataError("no relation with at least two usable patterns and facts", file=str(root))
+    if not (root / "patterns").is_dir() or not (root / "tuples").is_dir():
+        raise DataError("a ParaRel folder needs 'patterns/' and 'tuples/' subfolders", file=str(root))
+    relations = []
+    for patterns in sorted((root / "patterns").glob("*.jsonl")):
+        tuples = root / "tuples" / patterns.name
+        if tuples.is_file():
+            rel = read_relation(patterns, tuples)
+            if len(rel.templates) >= 2 and rel.facts:
+                relations.append(rel)
+    if len(relations) < 2:
+        raise DataError("need at least two relations with two usable patterns and some facts", file=str(root))
+    return relations
+
+
+def _fill(template: str, subject: str) -> str:
+    return template.replace("{}", subject, 1)
+
+
+def _unrelated_fact(rng: random.Random, others: list[Relation], subject: str) -> tuple[str, str]:
+    """A filled prompt and its object from another relation, not mentioning `subject`."""
+    for _ in range(100):
+        rel = rng.choice(others)
+        fact = rng.choice(rel.facts)
+        prompt = _fill(rng.choice(rel.templates), fact.subject)
+        if subject not in prompt:
+            break
+    return prompt, fact.object
+
+
+def relation_requests(rel: Relation, others: list[Relation], kind: str, rng: random.Random,
+                      max_requests: int | None = None) -> list[EditRequest]:
+    """The requests of one relation, in a seeded order."""
+    objects = sorted({f.object for f in rel.facts})
+    subjects_of: dict[str, set[str]] = {}  # object -> its subjects
+    objects_of: dict[str, set[str]] = {}  # subject -> its objects
+    for f in rel.facts:
+        subjects_of.setdefault(f.object, set()).add(f.subject)
+        objects_of.setdefault(f.subject, set()).add(f.object)
+    facts = list(rel.facts)
+    rng.shuffle(facts)
+    out: list[EditRequest] = []
+    for f in facts:
+        if max_requests is not None and len(out) >= max_requests:
+            break
+        template = rng.choice(rel.templates)
+        other_templates = [t for t in rel.templates if t != template]
+        locality_prompt, locality_answer = _unrelated_fact(rng, others, f.subject)
+        generation = [_fill(t, f.subject) for t in rng.sample(rel.templates, min(NUM_GENERATION, len(rel.templates)))]
+        common = dict(case_id=f"{rel.id}:{f.uuid}", prompt=template, subject=f.subject, relation_id=rel.id,
+                      locality_prompt=locality_prompt, locality_answer=locality_answer,
+                      generation_prompts=generation)
+        if kind == "counterfactual":
+            neighbours = sorted(subjects_of[f.object] - {f.subject})
+            alternatives = [o for o in objects if o not in objects_of[f.subject]]
+            if not neighbours or not alternatives:
+                continue
+            neighbours = rng.sample(neighbours, min(NUM_NEIGHBOURS, len(neighbours)))
+            paraphrases = rng.sample(other_templates, min(NUM_PARAPHRASES, len(other_templates)))
+            req = EditRequest(target_new=rng.choice(alternatives), target_true=f.object,
+                              paraphrase_prompts=[_fill(t, f.subject) for t in paraphrases],
+                              neighborhood_prompts=[_fill(rng.choice(rel.templates), n) for n in neighbours],
+                              **common)
+        else:
+            req = EditRequest(target_new=f.object, paraphrase_prompts=[_fill(rng.choice(other_templates), f.subject)],
+                              **common)
+        out.append(req.validate(file=rel.source, record=f.line))
     return out
 
 
 def build_pararel(root: str | Path, kind: str = "counterfactual", seed: int = 0,
                   max_per_relation: int | None = None, limit: int | None = None) -> Benchmark:
-    if kind not in ("counterfactual", "factual"):
-        raise ValueError(f"unknown kind {kind!r}; expected counterfactual or factual")
+    """Build the `kind` benchmark ("counterfactual" or "factual") from a ParaRel folder.
+
+    Each relation draws from its own `random.Random(f"{seed}:{relation}")`, so the output depends only
+    on the data and the seed. `max_per_relation` caps each relation; `limit` keeps the first records.
+    """
+    if kind not in KIND_STYLE:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KIND_STYLE)}")
     relations = read_relations(root)
-    rels = sorted(relations)
-    rng = random.Random(seed)
-
-    def unrelated_fact(rel: str) -> tuple[str, str]:
-        other = rng.choice([r for r in rels if r != rel] or rels)
-        templates, facts = relations[other]
-        s, o, _ = rng.choice(facts)
-        return rng.choice(templates).replace("{}", s), o
-
-    per_relation: dict[str, list[EditRequest]] = {}
-    for rel in rels:
-        templates, facts = relations[rel]
-        objects = sorted({o for _, o, _ in facts})
-        by_object: dict[str, list[str]] = {}
-        for s, o, _ in facts:
-            by_object.setdefault(o, []).append(s)
-        order = list(range(len(facts)))
-        rng.shuffle(order)
-        reqs = []
-        for i in order:
-            if max_per_relation is not None and len(reqs) >= max_per_relation:
-                break
-            s, o, uid = facts[i]
-            t = rng.randrange(len(templates))
-            others = [x for j, x in enumerate(templates) if j != t]
-            loc_prompt, loc_answer = unrelated_fact(rel)
-            if kind == "counterfactual":
-                neighbours = sorted({n for n in by_object[o] if n != s})
-                alternatives = [x for x in objects if x != o]
-                if not neighbours or not alternatives:
-                    continue
-                neighbours = rng.sample(neighbours, min(5, len(neighbours)))
-                req = EditRequest(
-                    case_id=f"{rel}:{uid}", prompt=templates[t], subject=s,
-                    target_new=rng.choice(alternatives), target_true=o,
-                    paraphrase_prompts=[x.replace("{}", s) for x in rng.sample(others, min(2, len(others)))],
-                    neighborhood_prompts=[rng.choice(templates).replace("{}", n) for n in neighbours],
-                    locality_prompt=loc_prompt, locality_answer=loc_answer,
-                    generation_prompts=[x.replace("{}", s) for x in rng.sample(templates, min(2, len(templates)))],
-                    relation_id=rel)
-            else:
-                req = EditRequest(
-                    case_id=f"{rel}:{uid}", prompt=templates[t], subject=s, target_new=o,
-                    paraphrase_prompts=[rng.choice(others).replace("{}", s)],
-                    locality_prompt=loc_prompt, locality_answer=loc_answer,
-                    generation_prompts=[templates[t].replace("{}", s)], relation_id=rel)
-            reqs.append(req.validate(file=str(root), record=len(reqs)))
-        per_relation[rel] = reqs
-    # Round-robin over relations in a seeded order.
-    order = list(rels)
-    rng.shuffle(order)
+    per_relation = {
+        rel.id: relation_requests(rel, [r for r in relations if r is not rel], kind,
+                                  random.Random(f"{seed}:{rel.id}"), max_per_relation)
+        for rel in relations}
+    order = sorted(per_relation)
+    random.Random(seed).shuffle(order)
     out: list[EditRequest] = []
-    depth = max(len(v) for v in per_relation.values())
-    for j in range(depth):
-        for rel in order:
-            if j < len(per_relation[rel]):
-                out.append(per_relation[rel][j])
-    if limit is not None:
-        out = out[:limit]
-    style = "counterfact" if kind == "counterfactual" else "zsre"
-    return Benchmark(f"pararel_{kind}", style, out, str(root))
+    for depth in range(max(len(v) for v in per_relation.values())):  # round-robin over relations
+        out += [per_relation[r][depth] for r in order if depth < len(per_relation[r])]
+    return Benchmark(f"pararel_{kind}", KIND_STYLE[kind], out[:limit], str(root))
 
 
 def main(argv: list[str] | None = None) -> None:
-    from editing.data.readers import write_jsonl
-
-    ap = argparse.ArgumentParser(description="Build the shipped ParaRel benchmarks.")
+    """Write pararel_counterfactual.jsonl and pararel_factual.jsonl."""
+    ap = argparse.ArgumentParser(prog="python -m editing.data.pararel", description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default="../shared/data/pararel", help="ParaRel folder with patterns/ and tuples/")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "benchmarks"))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "benchmarks"), help="output folder")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", type=int, default=SHIPPED_SIZE)
+    ap.add_argument("--size", type=int, default=SHIPPED_SIZE, help="records per benchmark")
     args = ap.parse_args(argv)
-    for kind in ("counterfactual", "factual"):
+    for kind in KIND_STYLE:
         bench = build_pararel(args.root, kind=kind, seed=args.seed, limit=args.size)
         path = write_jsonl(bench, Path(args.out) / f"pararel_{kind}.jsonl")
         print(f"{path}: {len(bench)} records, {path.stat().st_size / 1e6:.2f} MB")

@@ -1,233 +1,287 @@
 """Readers: benchmark files in the standard layouts -> `Benchmark`.
 
 Layouts: COUNTERFACT / Multi-COUNTERFACT JSON, zsRE JSON, the toolkit's own JSONL, ParaRel raw (a
-folder with `patterns/` and `tuples/`, built by `editing.data.pararel`), and Hugging Face datasets.
-`load_benchmark` is the single entry point and detects the layout. Every record is validated; bad
-input raises `DataError` naming the file, the record index and the field.
+folder with `patterns/` and `tuples/`, built by `editing.data.pararel`) and Hugging Face datasets,
+whose rows go through the same per-record converters as the files. `load_benchmark` is the single
+entry point and detects the layout. Every request is validated; bad input raises `DataError` naming
+the file, the record index and the field.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
-from dataclasses import fields
+import uuid
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
-from editing.data.records import Benchmark, DataError, EditRequest
+from editing.data.records import STYLES, Benchmark, DataError, EditRequest
 
-FORMATS = ("counterfact", "zsre", "jsonl", "pararel", "hf")
-KINDS = ("counterfactual", "factual")
-SHIPPED = Path(__file__).parent / "benchmarks"
+FORMATS: tuple[str, ...] = ("counterfact", "zsre", "jsonl", "pararel", "hf")
+KINDS: tuple[str, ...] = ("counterfactual", "factual")
+SHIPPED_DIR = Path(__file__).parent / "benchmarks"
+
 _FIELDS = {f.name for f in fields(EditRequest)}
+_REQUIRED = ("case_id", "prompt", "subject", "target_new")
+_OPTIONAL_STR = ("target_true", "locality_prompt", "locality_answer", "relation_id")
+_LISTS = ("paraphrase_prompts", "neighborhood_prompts", "generation_prompts")
+_LAYOUT_HINT = ("expected COUNTERFACT (a 'requested_rewrite' field), zsRE ('src' and 'alt') or the toolkit's "
+                "own layout ('prompt', 'subject', 'target_new')")
 
 
-# --- per-record converters (shared by the file readers and the Hugging Face path) -----------------
-def _get(rec: dict, key: str, ctx: dict, typ: type | tuple = str) -> Any:
-    if not isinstance(rec, dict):
-        raise DataError(f"a record must be an object, got {type(rec).__name__}", **ctx)
+@dataclass(frozen=True)
+class Where:
+    """The file and record being read, for error messages."""
+
+    file: str
+    record: int | None = None
+
+    def error(self, message: str, field: str | None = None) -> DataError:
+        return DataError(message, file=self.file, record=self.record, field=field)
+
+
+# --- field helpers --------------------------------------------------------------------------------
+def _type_name(t: type | tuple[type, ...]) -> str:
+    return " or ".join(x.__name__ for x in (t if isinstance(t, tuple) else (t,)))
+
+
+def _require(rec: dict, key: str, at: Where, types: type | tuple[type, ...] = str) -> Any:
+    """`rec[key]`, which must exist and have one of `types`."""
     if key not in rec:
-        raise DataError("missing required field", field=key, **ctx)
+        raise at.error("missing required field", key)
     value = rec[key]
-    if not isinstance(value, typ):
-        want = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
-        raise DataError(f"expected {want}, got {type(value).__name__}", field=key, **ctx)
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise at.error(f"expected {_type_name(types)}, got {type(value).__name__}", key)
     return value
 
 
-def _str_list(rec: dict, key: str, ctx: dict) -> list[str]:
-    value = rec.get(key, [])
+def _optional_str(rec: dict, key: str, at: Where) -> str | None:
+    value = rec.get(key)
+    if value is not None and not isinstance(value, str):
+        raise at.error(f"expected a string, got {type(value).__name__}", key)
+    return value
+
+
+def _str_list(rec: dict, key: str, at: Where) -> list[str]:
+    """A list of strings (a single string counts as a list of one; missing or null as empty)."""
+    value = rec.get(key)
     if value is None:
         return []
     if isinstance(value, str):
-        return [value]
+        value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise DataError("expected a list of strings", field=key, **ctx)
+        raise at.error("expected a list of strings", key)
     return [v for v in value if v.strip()]
 
 
-def _target(value: Any, key: str, ctx: dict) -> str:
+def _target(rec: dict, key: str, at: Where, required: bool) -> str | None:
+    """A COUNTERFACT target: {"str": ...} or a plain string, stripped of its leading space."""
+    value = rec.get(key)
+    if value is None and not required:
+        return None
+    if value is None:
+        raise at.error("missing required field", key)
     if isinstance(value, dict):
         value = value.get("str")
     if not isinstance(value, str):
-        raise DataError("expected a string (or an object with a 'str' field)", field=key, **ctx)
+        raise at.error("expected a string or an object with a 'str' string", key)
     return value.strip()
 
 
-def counterfact_requests(rec: dict, ctx: dict) -> list[EditRequest]:
-    """One record of the COUNTERFACT layout (Multi-COUNTERFACT: a list of rewrites) -> requests."""
-    rewrites = _get(rec, "requested_rewrite", ctx, (dict, list))
+def _case_id(rec: dict, at: Where) -> str:
+    value = rec.get("case_id")
+    return str(at.record if value is None else value)
+
+
+# --- per-record converters (shared by the JSON files and the Hugging Face rows) -------------------
+def counterfact_requests(rec: dict, at: Where) -> list[EditRequest]:
+    """One COUNTERFACT record; Multi-COUNTERFACT's list of rewrites gives one request each."""
+    rewrites = _require(rec, "requested_rewrite", at, (dict, list))
     many = isinstance(rewrites, list)
+    case_id = _case_id(rec, at)
+    shared = {key: _str_list(rec, key, at) for key in _LISTS}
     out = []
     for j, rw in enumerate(rewrites if many else [rewrites]):
         if not isinstance(rw, dict):
-            raise DataError("a rewrite must be an object", field="requested_rewrite", **ctx)
-        case_id = str(rec.get("case_id", ctx.get("record")))
+            raise at.error(f"rewrite {j} must be an object, got {type(rw).__name__}", "requested_rewrite")
         req = EditRequest(
             case_id=f"{case_id}:{j}" if many else case_id,
-            prompt=_get(rw, "prompt", ctx), subject=_get(rw, "subject", ctx),
-            target_new=_target(_get(rw, "target_new", ctx, (dict, str)), "target_new", ctx),
-            target_true=_target(rw["target_true"], "target_true", ctx) if rw.get("target_true") else None,
-            paraphrase_prompts=_str_list(rec, "paraphrase_prompts", ctx),
-            neighborhood_prompts=_str_list(rec, "neighborhood_prompts", ctx),
-            generation_prompts=_str_list(rec, "generation_prompts", ctx),
-            relation_id=rw.get("relation_id"))
-        out.append(_validate(req, ctx))
+            prompt=_require(rw, "prompt", at), subject=_require(rw, "subject", at),
+            target_new=_target(rw, "target_new", at, required=True),
+            target_true=_target(rw, "target_true", at, required=False),
+            relation_id=_optional_str(rw, "relation_id", at), **shared)
+        out.append(req.validate(file=at.file, record=at.record))
     return out
 
 
-def zsre_requests(rec: dict, ctx: dict) -> list[EditRequest]:
-    """One record of the zsRE layout: the prompt is a full question with the subject inside it."""
-    src = _get(rec, "src", ctx)
-    subject = _get(rec, "subject", ctx)
-    start = src.find(subject)
-    if start < 0:
+def zsre_requests(rec: dict, at: Where) -> list[EditRequest]:
+    """One zsRE record: `src` is the full question, the subject is located inside it."""
+    src, subject = _require(rec, "src", at), _require(rec, "subject", at)
+    start = src.find(subject) if subject.strip() else -1
+    if start < 0 and subject.strip():
         start = src.lower().find(subject.lower())
-    if start < 0 or not subject.strip():
-        raise DataError(f"the subject {subject!r} does not occur in the prompt {src!r}", field="subject", **ctx)
-    prompt = src[:start] + "{}" + src[start + len(subject):]
-    answers = rec.get("answers") or []
-    if isinstance(answers, str):
-        answers = [answers]
-    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-        raise DataError("expected a list of strings", field="answers", **ctx)
-    loc, loc_ans = rec.get("loc"), rec.get("loc_ans")
-    if loc is not None and not isinstance(loc, str):
-        raise DataError("expected a string", field="loc", **ctx)
-    if loc_ans is not None and not isinstance(loc_ans, str):
-        raise DataError("expected a string", field="loc_ans", **ctx)
+    if start < 0:
+        raise at.error(f"the subject {subject!r} is empty or does not occur in the prompt {src!r}", "subject")
+    answers = _str_list(rec, "answers", at)
+    loc, loc_ans = _optional_str(rec, "loc", at) or None, _optional_str(rec, "loc_ans", at)
+    if loc is not None and not (loc_ans and loc_ans.strip()):
+        raise at.error("a locality prompt ('loc') needs its answer", "loc_ans")
     req = EditRequest(
-        case_id=str(rec.get("case_id", ctx.get("record"))), prompt=prompt, subject=src[start:start + len(subject)],
-        target_new=_get(rec, "alt", ctx).strip(),
-        target_true=answers[0].strip() if answers and answers[0].strip() else None,
-        paraphrase_prompts=_str_list(rec, "rephrase", ctx),
-        locality_prompt=loc if loc else None, locality_answer=loc_ans.strip() if loc and loc_ans else None)
-    if loc and not (loc_ans and loc_ans.strip()):
-        raise DataError("a locality prompt needs its answer", field="loc_ans", **ctx)
-    return [_validate(req, ctx)]
+        case_id=_case_id(rec, at), prompt=src[:start] + "{}" + src[start + len(subject):],
+        subject=src[start:start + len(subject)], target_new=_require(rec, "alt", at).strip(),
+        target_true=answers[0].strip() if answers else None,
+        paraphrase_prompts=_str_list(rec, "rephrase", at),
+        locality_prompt=loc, locality_answer=loc_ans.strip() if loc is not None else None)
+    return [req.validate(file=at.file, record=at.record)]
 
 
-def jsonl_requests(rec: dict, ctx: dict) -> list[EditRequest]:
-    """One record of the toolkit's own layout (the fields of `EditRequest`)."""
-    if not isinstance(rec, dict):
-        raise DataError(f"a record must be an object, got {type(rec).__name__}", **ctx)
+def jsonl_requests(rec: dict, at: Where) -> list[EditRequest]:
+    """One record of the toolkit's own layout: the fields of `EditRequest`."""
     unknown = sorted(set(rec) - _FIELDS)
     if unknown:
-        raise DataError(f"unknown field (known: {', '.join(sorted(_FIELDS))})", field=unknown[0], **ctx)
-    for key in ("case_id", "prompt", "subject", "target_new"):
-        _get(rec, key, ctx, (str, int) if key == "case_id" else str)
-    try:
-        req = EditRequest.from_dict({**rec, "case_id": str(rec["case_id"])})
-    except TypeError as e:
-        raise DataError(str(e), **ctx) from e
-    return [_validate(req, ctx)]
+        raise at.error(f"unknown field (known: {', '.join(sorted(_FIELDS))})", unknown[0])
+    values = {key: _require(rec, key, at) for key in _REQUIRED if key != "case_id"}
+    values["case_id"] = str(_require(rec, "case_id", at, (str, int)))
+    values.update({key: _optional_str(rec, key, at) for key in _OPTIONAL_STR})
+    # Lists pass through unchanged (null = empty) so that `validate` reports a wrong type.
+    values.update({key: [] if rec.get(key) is None else rec[key] for key in _LISTS})
+    return [EditRequest(**values).validate(file=at.file, record=at.record)]
 
 
-def _validate(req: EditRequest, ctx: dict) -> EditRequest:
-    return req.validate(file=ctx.get("file"), record=ctx.get("record"))
-
-
-CONVERTERS: dict[str, Callable[[dict, dict], list[EditRequest]]] = {
+CONVERTERS: dict[str, Callable[[dict, Where], list[EditRequest]]] = {
     "counterfact": counterfact_requests, "zsre": zsre_requests, "jsonl": jsonl_requests}
-STYLE = {"counterfact": "counterfact", "zsre": "zsre"}
 
 
-def _convert(rows: Iterable[Any], layout: str, file: str, offset: int = 0) -> list[EditRequest]:
-    out = []
+def convert(rows: list[Any], layout: str, file: str) -> list[EditRequest]:
+    """Every row of one layout -> validated requests."""
+    out: list[EditRequest] = []
     for i, rec in enumerate(rows):
-        out += CONVERTERS[layout](rec, {"file": file, "record": i + offset})
+        at = Where(file, i)
+        if not isinstance(rec, dict):
+            raise at.error(f"a record must be an object, got {type(rec).__name__}")
+        out += CONVERTERS[layout](rec, at)
     return out
 
 
-def _infer_style(requests: list[EditRequest]) -> str:
-    cf = requests and all(r.target_true is not None and r.neighborhood_prompts for r in requests)
-    return "counterfact" if cf else "zsre"
-
-
-def _layout_of_record(rec: Any, file: str) -> str:
+def layout_of(rec: Any, file: str) -> str:
+    """The layout a record follows, from its fields."""
     if isinstance(rec, dict):
         if "requested_rewrite" in rec:
             return "counterfact"
         if "src" in rec and "alt" in rec:
             return "zsre"
-        if "prompt" in rec and "target_new" in rec:
+        if {"prompt", "subject", "target_new"} <= set(rec):
             return "jsonl"
-    raise DataError("cannot tell the layout of the first record: expected COUNTERFACT ('requested_rewrite'), "
-                    "zsRE ('src' and 'alt') or the toolkit's JSONL ('prompt', 'subject', 'target_new')",
-                    file=file, record=0)
+    raise DataError(f"cannot tell the layout of the first record: {_LAYOUT_HINT}", file=file, record=0)
 
 
-# --- files --------------------------------------------------------------------------------------
-def _read_json_list(path: Path) -> list:
+def _benchmark(name: str, layout: str, requests: list[EditRequest], source: str) -> Benchmark:
+    style = layout if layout in STYLES else infer_style(requests)
+    return Benchmark(name, style, requests, source)
+
+
+def infer_style(requests: list[EditRequest]) -> str:
+    """"counterfact" when every request has a true target and neighbourhood prompts, else "zsre"."""
+    cf = bool(requests) and all(r.target_true is not None and r.neighborhood_prompts for r in requests)
+    return "counterfact" if cf else "zsre"
+
+
+# --- files ------------------------------------------------------------------------------------------
+def _read_text(path: Path) -> str:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read the file ({e})", file=str(path)) from e
+
+
+def read_json_list(path: str | Path) -> list[Any]:
+    """A JSON file holding a list of records."""
+    path = Path(path)
+    try:
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})", file=str(path)) from e
-    except OSError as e:
-        raise DataError(f"cannot read the file ({e.strerror})", file=str(path)) from e
     if not isinstance(data, list):
         raise DataError(f"expected a JSON list of records, got {type(data).__name__}", file=str(path))
     return data
 
 
-def read_counterfact(path: str | Path) -> Benchmark:
+def read_json_lines(path: str | Path) -> list[Any]:
+    """One JSON value per non-empty line; a bad line names its record index and line number."""
     path = Path(path)
-    reqs = _convert(_read_json_list(path), "counterfact", str(path))
-    return Benchmark(path.stem, "counterfact", reqs, str(path))
-
-
-def read_zsre(path: str | Path) -> Benchmark:
-    path = Path(path)
-    reqs = _convert(_read_json_list(path), "zsre", str(path))
-    return Benchmark(path.stem, "zsre", reqs, str(path))
-
-
-def read_jsonl(path: str | Path) -> Benchmark:
-    """The toolkit's own layout: an optional header line {"benchmark": {"name", "style"}}, then one
-    EditRequest object per line."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise DataError(f"cannot read the file ({e.strerror})", file=str(path)) from e
-    header: dict = {}
-    rows = []
-    for n, line in enumerate(lines):
+    rows: list[Any] = []
+    for n, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            rows.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise DataError(f"line {n + 1} is not valid JSON ({e.msg})", file=str(path), record=len(rows)) from e
-        if not rows and not header and isinstance(obj, dict) and set(obj) == {"benchmark"}:
-            header = obj["benchmark"] if isinstance(obj["benchmark"], dict) else {}
-            continue
-        rows.append(obj)
-    reqs = _convert(rows, "jsonl", str(path))
-    style = header.get("style") or _infer_style(reqs)
-    return Benchmark(header.get("name") or path.stem, style, reqs, str(path))
+            record = len(rows) - (1 if rows and _is_header(rows[0]) else 0)
+            raise DataError(f"line {n} is not valid JSON ({e.msg})", file=str(path), record=record) from e
+    return rows
+
+
+def _is_header(obj: Any) -> bool:
+    return isinstance(obj, dict) and set(obj) == {"benchmark"}
+
+
+def read_json(path: str | Path, layout: str | None = None) -> Benchmark:
+    """A JSON list of records in `layout` (None: detected from the first record)."""
+    path = Path(path)
+    rows = read_json_list(path)
+    layout = layout or (layout_of(rows[0], str(path)) if rows else "jsonl")
+    return _benchmark(path.stem, layout, convert(rows, layout, str(path)), str(path))
+
+
+def read_counterfact(path: str | Path) -> Benchmark:
+    """A COUNTERFACT or Multi-COUNTERFACT JSON file."""
+    return read_json(path, "counterfact")
+
+
+def read_zsre(path: str | Path) -> Benchmark:
+    """A zsRE JSON file (MEND / ROME / MEMIT / EasyEdit layout)."""
+    return read_json(path, "zsre")
+
+
+def read_jsonl(path: str | Path) -> Benchmark:
+    """The toolkit's own layout: an optional header {"benchmark": {"name", "style"}}, then one
+    `EditRequest.to_dict()` per line. Without a header the style is inferred."""
+    path = Path(path)
+    rows = read_json_lines(path)
+    header: dict[str, Any] = {}
+    if rows and _is_header(rows[0]):
+        header = rows.pop(0)["benchmark"]
+        at = Where(str(path))
+        if not isinstance(header, dict):
+            raise at.error("the header must be an object", "benchmark")
+        if header.get("style") is not None and header["style"] not in STYLES:
+            raise at.error(f"unknown style {header['style']!r}; expected one of {', '.join(STYLES)}", "style")
+        if header.get("name") is not None and not isinstance(header["name"], str):
+            raise at.error("expected a string", "name")
+    requests = convert(rows, "jsonl", str(path))
+    style = header.get("style") or infer_style(requests)
+    return Benchmark(header.get("name") or path.stem, style, requests, str(path))
 
 
 def write_jsonl(benchmark: Benchmark, path: str | Path) -> Path:
-    """Write a benchmark in the toolkit's layout, atomically."""
+    """Write a benchmark in the toolkit's layout, atomically (a temporary file, then a rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
             f.write(json.dumps({"benchmark": {"name": benchmark.name, "style": benchmark.style}}) + "\n")
             for r in benchmark.requests:
                 f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
+# --- Hugging Face datasets --------------------------------------------------------------------------
 def read_hf(name_or_path: str, split: str = "train") -> Benchmark:
-    """A Hugging Face dataset (hub name, or a folder saved with `save_to_disk`) in any known layout."""
+    """A Hugging Face dataset: a folder saved with `save_to_disk`, or a hub name (needs network)."""
     import datasets
 
     try:
@@ -235,51 +289,67 @@ def read_hf(name_or_path: str, split: str = "train") -> Benchmark:
             ds = datasets.load_from_disk(name_or_path)
         else:
             ds = datasets.load_dataset(name_or_path, split=split)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise DataError(f"no split {split!r} (has: {', '.join(ds)})", file=name_or_path)
-            ds = ds[split]
-    except DataError:
-        raise
     except Exception as e:
-        raise DataError(f"could not load this dataset ({type(e).__name__}: {e}); dataset names on the hub "
-                        "need network access, a local file or folder does not", file=name_or_path) from e
+        raise DataError(f"could not load this dataset ({type(e).__name__}: {e}); dataset names on the "
+                        "Hugging Face hub need network access, local files and folders do not",
+                        file=name_or_path) from e
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"no split {split!r} (has: {', '.join(ds)})", file=name_or_path)
+        ds = ds[split]
     rows = list(ds)
     if not rows:
         raise DataError("the dataset is empty", file=name_or_path)
-    layout = _layout_of_record(rows[0], name_or_path)
-    reqs = _convert(rows, layout, name_or_path)
-    style = STYLE.get(layout) or _infer_style(reqs)
-    return Benchmark(Path(name_or_path).name or name_or_path, style, reqs, name_or_path)
+    layout = layout_of(rows[0], name_or_path)
+    name = Path(name_or_path).name or name_or_path
+    return _benchmark(name, layout, convert(rows, layout, name_or_path), name_or_path)
 
 
-# --- the entry point ----------------------------------------------------------------------------
-def load_benchmark(path: str | None = None, format: str | None = None, kind: str = "counterfactual",
+# --- the entry point --------------------------------------------------------------------------------
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).suffix in (".json", ".jsonl")
+
+
+def detect_format(path: str | Path) -> str:
+    """The format of `path`: pararel, jsonl, json (layout read from its first record) or hf."""
+    p = Path(path)
+    if p.is_dir():
+        return "pararel" if (p / "patterns").is_dir() and (p / "tuples").is_dir() else "hf"
+    if p.is_file():
+        if p.suffix == ".jsonl":
+            return "jsonl"
+        if p.suffix == ".json":
+            return "json"
+        raise DataError(f"unknown file type {p.suffix!r}: expected .json or .jsonl, or pass format= "
+                        f"(one of {', '.join(FORMATS)})", file=str(p))
+    if _looks_local(str(path)):
+        raise DataError("no such file or folder", file=str(path))
+    return "hf"
+
+
+def load_benchmark(path: str | Path | None = None, format: str | None = None, kind: str = "counterfactual",
                    split: str = "train", seed: int = 0) -> Benchmark:
-    """Read a benchmark. `path=None`: the shipped ParaRel benchmark of `kind`. `format` forces a
-    layout (counterfact, zsre, jsonl, pararel, hf); otherwise it is detected."""
+    """Read a benchmark.
+
+    path: a benchmark file, a ParaRel folder, a `save_to_disk` folder or a hub dataset name; None =
+        the shipped ParaRel benchmark of `kind` (built with seed 0).
+    format: force a layout (counterfact, zsre, jsonl, pararel, hf) instead of detecting it.
+    kind: "counterfactual" (COUNTERFACT-style) or "factual" (iReVa-style), for ParaRel.
+    split: the split of a Hugging Face dataset. seed: the ParaRel builder's seed.
+    """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
     if format is not None and format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
     if path is None:
-        return read_jsonl(SHIPPED / f"pararel_{kind}.jsonl")
-    p = Path(path)
-    if format is None:
-        if p.is_dir() and (p / "patterns").is_dir() and (p / "tuples").is_dir():
-            format = "pararel"
-        elif p.is_file() and p.suffix == ".jsonl":
-            format = "jsonl"
-        elif p.is_file():
-            format = _layout_of_record((_read_json_list(p) or [None])[0], str(p))
-        else:
-            format = "hf"
-    if format == "pararel":
+        return read_jsonl(SHIPPED_DIR / f"pararel_{kind}.jsonl")
+    path = Path(path).expanduser() if str(path).startswith("~") else path
+    fmt = format or detect_format(path)
+    if fmt == "pararel":
         from editing.data.pararel import build_pararel
-        return build_pararel(p, kind=kind, seed=seed)
-    if format == "hf":
+        return build_pararel(path, kind=kind, seed=seed)
+    if fmt == "hf":
         return read_hf(str(path), split=split)
-    if format == "jsonl" and p.suffix == ".json":
-        reqs = _convert(_read_json_list(p), "jsonl", str(p))
-        return Benchmark(p.stem, _infer_style(reqs), reqs, str(p))
-    return {"counterfact": read_counterfact, "zsre": read_zsre, "jsonl": read_jsonl}[format](p)
+    if fmt == "jsonl" and Path(path).suffix != ".json":
+        return read_jsonl(path)
+    return read_json(path, None if fmt == "json" else fmt)

@@ -73,6 +73,12 @@ class EditRequest:
             fail("the true target is empty", "target_true")
         if self.text.strip() == "":
             fail("the prompt is empty", "prompt")
+        for name in ("locality_prompt", "locality_answer", "relation_id"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                fail(f"expected a string, got {type(value).__name__}", name)
+        if not isinstance(self.case_id, str):
+            fail(f"expected a string, got {type(self.case_id).__name__}", "case_id")
         if (self.locality_prompt is None) != (self.locality_answer is None):
             fail("a locality prompt needs a locality answer and the reverse", "locality_answer")
         if self.locality_answer is not None and not self.locality_answer.strip():
