@@ -37,7 +37,8 @@ class EditingCLI(LightningCLI):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
-def main(args=None) -> EditingCLI:
+def main(args=None, run: bool = True) -> EditingCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return EditingCLI(Editor, EditDataModule, subclass_mode_model=True, trainer_defaults=TRAINER_DEFAULTS,
-                      save_config_kwargs={"overwrite": True}, args=args)
+                      seed_everything_default=0,
+                      save_config_kwargs={"overwrite": True}, args=args, run=run)

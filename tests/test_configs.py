@@ -1,0 +1,20 @@
+"""Every shipped config parses and builds its editor and data module (on a tiny model)."""
+from pathlib import Path
+
+import pytest
+
+from editing.cli import main
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_config_builds(config, tiny_llama, tmp_path):
+    args = ["--config", str(config), "--model.init_args.base_model", tiny_llama,
+            "--trainer.default_root_dir", str(tmp_path), "--data.num_edits", "3"]
+    if "layers:" in config.read_text():  # the tiny model has 3 layers
+        args += ["--model.init_args.layers", "[1]"]
+    cli = main(args, run=False)
+    assert cli.model.method in config.stem
+    assert len(cli.datamodule.requests) == 3
+    assert cli.trainer.max_epochs == 1
