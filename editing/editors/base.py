@@ -377,7 +377,7 @@ class Editor(pl.LightningModule):
             "data": dm.description if dm is not None else None,
             "num_edits": edited if edited else (dm.num_selected if dm is not None else 0),
             "edit_batch_size": dm.hparams.edit_batch_size if dm is not None else None,
-            "timing": {"edit": sum(e["seconds"] for e in self.edit_log), "evaluate": eval_seconds},
+            "timing": {"edit": float(sum(e["seconds"] for e in self.edit_log)), "evaluate": eval_seconds},
             "metrics": values,
             "definitions": self.metrics.definitions(),
             "config": {"model": dict(self.hparams), "data": dict(dm.hparams) if dm is not None else None},
