@@ -13,6 +13,7 @@ Vocabulary (see ../shared/METHODS.md §0-1):
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -37,12 +38,13 @@ class Family:
     parallel_attr: str | None = None   # config attribute that says the block is parallel
     parallel_default: bool = False
     activation_attr: str | None = None  # config attribute naming the MLP activation
+    position_embed: str | None = None   # absolute position embeddings added to the token embeddings
 
 
 FAMILIES: tuple[Family, ...] = (
     Family("gpt2", ("gpt2",), backbone="transformer", blocks="transformer.h", mlp="mlp",
            mlp_out="mlp.c_proj", attn="attn", attn_out="attn.c_proj", final_norm="transformer.ln_f",
-           embed="transformer.wte", activation_attr="activation_function"),
+           embed="transformer.wte", activation_attr="activation_function", position_embed="transformer.wpe"),
     Family("gptj", ("gptj",), backbone="transformer", blocks="transformer.h", mlp="mlp",
            mlp_out="mlp.fc_out", attn="attn", attn_out="attn.out_proj", final_norm="transformer.ln_f",
            embed="transformer.wte", parallel_default=True, activation_attr="activation_function"),
@@ -167,6 +169,31 @@ class Layout:
     def unembedding(self) -> torch.Tensor:
         """The unembedding matrix, (vocab, hidden)."""
         return self.lm_head.weight
+
+    # --- running part of the model ------------------------------------------------------------
+    @contextmanager
+    def blocks_from(self, start: int):
+        """Within the context the backbone holds only blocks start..end (the same module objects,
+        so hooks on them still fire)."""
+        parent_path, attr = self.family.blocks.rsplit(".", 1)
+        parent = _get(self.model, parent_path)
+        full = getattr(parent, attr)
+        setattr(parent, attr, nn.ModuleList(list(full)[self.layer_index(start):]))
+        try:
+            yield
+        finally:
+            setattr(parent, attr, full)
+
+    def run_from(self, start: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The final-normed hidden states [B, S, d] computed from the input of block `start` (the
+        residual stream h^{start-1}), running only blocks start..end: the truncated forward of edits
+        whose changes begin at block `start`. Positions are 0..S-1 (right padding)."""
+        embeds = hidden
+        if self.family.position_embed is not None:  # the backbone will add them again
+            pos = torch.arange(hidden.shape[1], device=hidden.device)
+            embeds = hidden - _get(self.model, self.family.position_embed)(pos).to(hidden.dtype)
+        with self.blocks_from(start):
+            return self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)[0]
 
     # --- weights -----------------------------------------------------------------------------
     def mlp_out_weight(self, layer: int) -> torch.Tensor:

@@ -41,18 +41,34 @@ class TargetBatch:
     target_ids: torch.Tensor
     target_mask: torch.Tensor
     target_positions: torch.Tensor
+    subject_last: torch.Tensor | None = None
 
     def to(self, device) -> "TargetBatch":
-        return TargetBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+        return TargetBatch(*(None if getattr(self, f) is None else getattr(self, f).to(device)
+                             for f in self.__dataclass_fields__))
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.attention_mask.sum(1)
 
 
+def last_token_in_span(offsets, span: tuple[int, int]) -> int:
+    """Index of the last token whose character span overlaps `span` (special tokens never do)."""
+    s0, s1 = span
+    last = None
+    for j, (a, b) in enumerate(offsets):
+        if b > a and a < s1 and b > s0:
+            last = j
+    if last is None:
+        raise ValueError(f"no token covers characters {s0}..{s1}")
+    return last
+
+
 def encode(tokenizer, prompts: list[str], targets: list[str | None] | None = None,
-           max_length: int | None = None) -> TargetBatch:
-    """Encode prompts, each optionally followed by a target, right-padded, with target positions."""
+           max_length: int | None = None, spans: list[tuple[int, int]] | None = None) -> TargetBatch:
+    """Encode prompts, each optionally followed by a target, right-padded, with target positions.
+    With `spans` (character spans inside each prompt, e.g. the subject), also the position of the
+    last token of each span (`subject_last`), from the same encoding."""
     _require_fast(tokenizer)
     if targets is None:
         targets = [None] * len(prompts)
@@ -60,7 +76,7 @@ def encode(tokenizer, prompts: list[str], targets: list[str | None] | None = Non
         raise ValueError("prompts and targets must have the same length")
     texts = [p if t is None else join(p, t) for p, t in zip(prompts, targets)]
     enc = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=True)
-    rows_ids, prompt_last, tgt = [], [], []
+    rows_ids, prompt_last, tgt, span_last = [], [], [], []
     for i, (p, ids, offs) in enumerate(zip(prompts, enc["input_ids"], enc["offset_mapping"])):
         if max_length is not None:
             ids, offs = ids[-max_length:], offs[-max_length:]
@@ -76,6 +92,8 @@ def encode(tokenizer, prompts: list[str], targets: list[str | None] | None = Non
         tgt_ids = ids[n_prompt:] if targets[i] is not None else []
         if targets[i] is not None and not tgt_ids:
             raise ValueError(f"target {targets[i]!r} produced no tokens after prompt {p!r}")
+        if spans is not None:
+            span_last.append(last_token_in_span(offs, spans[i]))
         rows_ids.append(ids)
         prompt_last.append(n_prompt - 1)
         tgt.append((n_prompt, tgt_ids))
@@ -97,7 +115,7 @@ def encode(tokenizer, prompts: list[str], targets: list[str | None] | None = Non
             target_mask[i, : len(t_ids)] = True
             target_positions[i, : len(t_ids)] = torch.arange(start - 1, start - 1 + len(t_ids))
     return TargetBatch(input_ids, attention_mask, torch.tensor(prompt_last), target_ids, target_mask,
-                       target_positions)
+                       target_positions, torch.tensor(span_last) if spans is not None else None)
 
 
 def find_subject(text: str, subject: str) -> tuple[int, int]:
@@ -115,14 +133,5 @@ def subject_last_positions(tokenizer, texts: list[str], subjects: list[str]) -> 
     token whose span overlaps the subject's character span."""
     _require_fast(tokenizer)
     enc = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=True)
-    out = []
-    for text, subject, offs in zip(texts, subjects, enc["offset_mapping"]):
-        s0, s1 = find_subject(text, subject)
-        last = None
-        for j, (a, b) in enumerate(offs):
-            if b > a and a < s1 and b > s0:
-                last = j
-        if last is None:
-            raise ValueError(f"subject {subject!r} has no token in {text!r}")
-        out.append(last)
-    return torch.tensor(out, dtype=torch.long)
+    return torch.tensor([last_token_in_span(offs, find_subject(text, subject))
+                         for text, subject, offs in zip(texts, subjects, enc["offset_mapping"])], dtype=torch.long)

@@ -110,3 +110,21 @@ def test_unknown_architecture_lists_supported():
         family_for("t5")
     msg = str(e.value)
     assert "'t5'" in msg and "gpt2" in msg and "llama" in msg and "editing/layout.py" in msg
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("start", [0, 1, 2])
+def test_truncated_forward_equals_full(models, family, start):
+    """run_from(start, input of block start) == the full forward's final hidden state."""
+    model = models[family]
+    lay = Layout(model)
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[1, 5:] = 0  # right padding in row 1
+    full = lay.backbone(input_ids=x, attention_mask=mask)[0]
+    with hooks.capture({"in": lay.block(start)}, "input") as cap:
+        lay.backbone(input_ids=x, attention_mask=mask)
+    out = lay.run_from(start, cap["in"], mask)
+    torch.testing.assert_close(out[0], full[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[1, :5], full[1, :5], atol=1e-5, rtol=1e-4)
+    assert lay.num_layers == 3  # the blocks are back
