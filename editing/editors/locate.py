@@ -1,0 +1,429 @@
+"""The locate-then-edit core, shared by ROME, MEMIT, PMET (and JEEP, COMEBA-HK, AdaPLE).
+
+../shared/METHODS.md §2 is the specification; the names follow the MEMIT code and paper:
+- context templates: prefixes the model writes itself, prepended to edit prompts (§2.1);
+- `compute_keys`: k, the MLP key at the subject's last token, averaged over templates (§2.2);
+- `compute_targets`: z, the value a hidden state should take so that every context-prefixed prompt
+  predicts target_new (§2.3), one delta per request optimised in one batched, truncated forward;
+- `closed_form`: Δ = R Kᵀ (λC₀ + K Kᵀ)⁻¹, in float64 with a linear solve (§2.5);
+- `LocateEditor`: the Editor that keeps every step's Δ as low-rank factors, writes W = W₀ + ΣΔ into the
+  output projections (storage orientation from the module type), and can disable or undo edits
+  exactly (the weights are recomputed from W₀ in a fixed order, so they are bit-for-bit the same).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import unicodedata
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from editing import hooks
+from editing.data.records import EditRequest
+from editing.editors.base import Editor
+from editing.layout import weight_out_in
+from editing.models import cache_dir
+from editing.tokens import encode
+
+SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
+
+
+# --- context templates (§2.1) -----------------------------------------------------------------------
+@torch.no_grad()
+def generate_templates(model, tokenizer, length: int, count: int, seed: int = 0, top_k: int = 5) -> list[str]:
+    """`count` texts of `length` tokens (the seed word included) sampled top-k from the model, one seed
+    word after another, as "<text>. {}" templates (braces in the text become spaces)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    words = [SEED_WORDS[i % len(SEED_WORDS)] for i in range(count)]
+    enc = tokenizer(words, add_special_tokens=True)["input_ids"]
+    out = []
+    for ids in enc:
+        x = torch.tensor([ids], device=device)
+        while x.shape[1] < length + (len(ids) - 1):
+            logits = model(input_ids=x, use_cache=False).logits[0, -1].float().cpu()
+            top = torch.topk(logits, top_k)
+            nxt = top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)]
+            x = torch.cat([x, nxt.to(device)[None]], dim=1)
+        text = unicodedata.normalize("NFKD", tokenizer.decode(x[0], skip_special_tokens=True))
+        text = text.replace("\n\n", " ").replace("{", " ").replace("}", " ")
+        out.append(text + ". {}")
+    return out
+
+
+def context_templates(editor: Editor, spec: list[list[int]], seed: int = 0) -> list[list[str]]:
+    """Template groups: ["{}"] then, for each [length, count] in `spec`, one group of generated
+    templates. Cached per model, spec and seed under the cache directory."""
+    key = f"{editor.base_identity['digest']}-{'_'.join(f'{l}x{n}' for l, n in spec)}-s{seed}.json"
+    path = cache_dir() / "templates" / key
+    if path.exists():
+        return json.loads(path.read_text())
+    groups = [["{}"]]
+    with editor.disabled():
+        for i, (length, count) in enumerate(spec):
+            groups.append(generate_templates(editor.model, editor.tokenizer, length, count, seed=seed + i))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{random.random()}")
+    tmp.write_text(json.dumps(groups))
+    tmp.replace(path)
+    return groups
+
+
+def fill(template: str, request: EditRequest) -> tuple[str, tuple[int, int]]:
+    """The template with the request's prompt and subject filled in, and the subject's character span."""
+    before, after = template.split("{}", 1)
+    p_before, p_after = request.prompt.split("{}", 1)
+    start = len(before) + len(p_before)
+    text = before + p_before + request.subject + p_after + after
+    return text, (start, start + len(request.subject))
+
+
+# --- keys (§2.2) --------------------------------------------------------------------------------------
+@torch.no_grad()
+def compute_keys(editor: Editor, requests: list[EditRequest], layer: int, groups: list[list[str]],
+                 position: str = "subject_last") -> torch.Tensor:
+    """k [u, d_ff]: the input of the MLP output projection of `layer` at the subject's last token (or
+    the prompt's last token), mean within each template group, then mean over groups. One forward
+    for all requests and templates, stopping after `layer`."""
+    lay = editor.layout
+    texts, spans, owner, group_of = [], [], [], []
+    for i, r in enumerate(requests):
+        for g, group in enumerate(groups):
+            for t in group:
+                text, span = fill(t, r)
+                texts.append(text)
+                spans.append(span)
+                owner.append(i)
+                group_of.append(g)
+    batch = encode(editor.tokenizer, texts, spans=spans).to(editor.device)
+    pos = batch.subject_last if position == "subject_last" else batch.prompt_last
+    with hooks.capture({"k": lay.mlp_out(layer)}, "input", positions=pos) as cap, hooks.stop_after(lay.block(layer)):
+        try:
+            lay.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        except hooks.StopForward:
+            pass
+    k = cap["k"].float()
+    owner_t, group_t = torch.tensor(owner, device=k.device), torch.tensor(group_of, device=k.device)
+    out = torch.zeros(len(requests), k.shape[1], device=k.device)
+    for g in range(len(groups)):
+        sel = group_t == g
+        sums = torch.zeros_like(out).index_add_(0, owner_t[sel], k[sel])
+        counts = torch.bincount(owner_t[sel], minlength=len(requests)).clamp(min=1)
+        out += sums / counts[:, None]
+    return out / len(groups)
+
+
+# --- target values (§2.3) -------------------------------------------------------------------------------
+@dataclass
+class TargetConfig:
+    """Where the delta is injected and how it is optimised.
+
+    `parts`: modules of layer `layer` whose output gets a delta at the subject's last token: "block"
+    (the residual stream h^L, MEMIT), "mlp" (m^L, ROME/PMET), "attn_out" (a^L, PMET).
+    The weight decay is the official code's ‖δ‖ / ‖init‖² (the plain norm, not squared; the papers
+    write β‖δ‖ or a squared norm). The clamp keeps ‖δ‖ ≤ clamp·‖init‖ after every step.
+    """
+
+    layer: int
+    parts: tuple[str, ...] = ("block",)
+    steps: int = 25
+    lr: float = 0.5
+    clamp: float = 0.75
+    weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    nll_factor: float = 1.0
+    early_stop_loss: float = 5e-2
+    kl_prompt: str = "{} is a"
+
+
+@dataclass
+class Targets:
+    z: dict[str, torch.Tensor]       # part -> [u, d]: init + delta
+    init: dict[str, torch.Tensor]    # part -> [u, d]: the clean value at the bare prompt's subject token
+    loss: torch.Tensor               # [u] final loss per request
+    steps: int = 0
+    info: dict = field(default_factory=dict)
+
+
+def _part_module(editor: Editor, part: str, layer: int) -> nn.Module:
+    lay = editor.layout
+    return {"block": lay.block, "mlp": lay.mlp, "attn_out": lay.attn_out}[part](layer)
+
+
+def compute_targets(editor: Editor, requests: list[EditRequest], cfg: TargetConfig,
+                    templates: list[str]) -> Targets:
+    """Optimise one delta per request (and per part) so that every template-prefixed prompt predicts
+    target_new, all requests in one batch. The forward starts at block `cfg.layer` from cached lower
+    states and the LM head runs only at the target positions and the KL positions.
+
+    Requests are independent: Adam acts elementwise, each request stops early on its own, and a
+    stopped request's delta is frozen, so the result equals one optimisation per request."""
+    lay = editor.layout
+    L = lay.layer_index(cfg.layer)
+    u = len(requests)
+    if templates[0] != "{}":
+        raise ValueError("the first template must be the bare '{}' (its row defines the initial value)")
+    texts, spans, targets, owner = [], [], [], []
+    for i, r in enumerate(requests):
+        for t in templates:
+            text, span = fill(t, r)
+            texts.append(text)
+            spans.append(span)
+            targets.append(r.target_new)
+            owner.append(i)
+    n_rw = len(texts)
+    for i, r in enumerate(requests):  # KL rows: "{subject} is a"
+        text, span = fill(cfg.kl_prompt, EditRequest("kl", "{}", r.subject, "x"))
+        texts.append(text)
+        spans.append(span)
+        targets.append(None)
+        owner.append(i)
+    batch = encode(editor.tokenizer, texts, targets, spans=spans).to(editor.device)
+    device = batch.input_ids.device
+    owner_t = torch.tensor(owner, device=device)
+    sl = batch.subject_last
+    bare_rows = torch.arange(u, device=device) * len(templates)
+    # Score at the target positions (rewrite rows) and at the subject's last token (KL rows).
+    positions = batch.target_positions.clone()
+    score_mask = batch.target_mask.clone()
+    positions[n_rw:, 0] = sl[n_rw:]
+    score_mask[n_rw:, 0] = True
+
+    with torch.no_grad(), hooks.capture({"h": lay.block(L)}, "input") as cap, \
+            hooks.capture({p: _part_module(editor, p, L) for p in cfg.parts}, "output", positions=sl) as init_cap, \
+            hooks.stop_after(lay.block(L)):  # registered last: runs after the captures
+        try:
+            lay.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        except hooks.StopForward:
+            pass
+    h_in = cap["h"]
+    init = {p: init_cap[p][bare_rows].float() for p in cfg.parts}
+    d = h_in.shape[-1]
+    delta = torch.zeros(u, len(cfg.parts), d, device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    active = torch.ones(u, dtype=torch.bool, device=device)
+    init_kl_logp = None
+    loss_r = torch.zeros(u, device=device)
+    step = 0
+    for step in range(cfg.steps):
+        ctx = [hooks.add_at(_part_module(editor, p, L), sl, delta[owner_t, j]) for j, p in enumerate(cfg.parts)]
+        with _all(ctx):
+            hidden = lay.run_from(L, h_in, batch.attention_mask)
+        logits = lay.lm_head(hooks.gather_at(hidden, positions)).float()
+        logp = F.log_softmax(logits, -1)
+        tok = logp[:n_rw].gather(-1, batch.target_ids[:n_rw, :, None]).squeeze(-1) * batch.target_mask[:n_rw]
+        nll_row = -tok.sum(1) / batch.target_mask[:n_rw].sum(1)
+        nll = torch.zeros(u, device=device).index_add_(0, owner_t[:n_rw], nll_row) / len(templates)
+        kl_logp = logp[n_rw:, 0]
+        if init_kl_logp is None:
+            init_kl_logp = kl_logp.detach()
+        kl = (kl_logp.exp() * (kl_logp - init_kl_logp)).sum(-1)   # KL(P_current ‖ P_init)
+        wd = sum(delta[:, j].norm(dim=-1) / init[p].norm(dim=-1) ** 2 for j, p in enumerate(cfg.parts))
+        loss_r = cfg.nll_factor * nll + cfg.kl_factor * kl + cfg.weight_decay * wd
+        if not torch.isfinite(loss_r).all():
+            raise FloatingPointError(f"non-finite target loss {loss_r.tolist()}")
+        active &= loss_r.detach() >= cfg.early_stop_loss
+        if not active.any() or step == cfg.steps - 1:
+            break
+        opt.zero_grad(set_to_none=True)
+        (loss_r * active).sum().backward()
+        frozen = delta.detach()[~active].clone()
+        opt.step()
+        with torch.no_grad():
+            delta[~active] = frozen
+            for j, p in enumerate(cfg.parts):  # project onto the ball ‖δ‖ ≤ clamp·‖init‖
+                limit = cfg.clamp * init[p].norm(dim=-1)
+                norm = delta[:, j].norm(dim=-1)
+                scale = torch.where(norm > limit, limit / norm.clamp(min=1e-12), torch.ones_like(norm))
+                delta[:, j] *= scale[:, None]
+    z = {p: init[p] + delta.detach()[:, j] for j, p in enumerate(cfg.parts)}
+    return Targets(z=z, init=init, loss=loss_r.detach(), steps=step + 1)
+
+
+@contextmanager
+def _all(contexts) -> Iterator[None]:
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        yield
+
+
+@torch.no_grad()
+def current_values(editor: Editor, requests: list[EditRequest], part: str, layer: int) -> torch.Tensor:
+    """The output of `part` at `layer` at the subject's last token of each bare prompt [u, d]."""
+    lay = editor.layout
+    texts, spans = zip(*(fill("{}", r) for r in requests))
+    batch = encode(editor.tokenizer, list(texts), spans=list(spans)).to(editor.device)
+    with hooks.capture({"v": _part_module(editor, part, layer)}, "output", positions=batch.subject_last) as cap, \
+            hooks.stop_after(lay.block(layer)):
+        try:
+            lay.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        except hooks.StopForward:
+            pass
+    return cap["v"].float()
+
+
+# --- the closed form (§2.5) -------------------------------------------------------------------------------
+def closed_form(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Δ = R Kᵀ (λC + K Kᵀ)⁻¹ with keys and residuals as rows (K [u, d_ff], R [u, d]), in float64 by a
+    linear solve. Returns the factors (left [d, u], right [d_ff, u]) with Δ = left @ rightᵀ, the
+    minimiser of ‖Δ Kᵀ − Rᵀ‖² + λ tr(Δ C Δᵀ)."""
+    K64, R64, C64 = K.double(), R.double(), C.double().to(K.device)
+    A = lam * C64 + K64.T @ K64
+    right = torch.linalg.solve(A, K64.T)          # (λC + KᵀK)⁻¹ Kᵀ, [d_ff, u]
+    return R64.T.contiguous(), right
+
+
+# --- the editor -------------------------------------------------------------------------------------------
+class EditHistory(nn.Module):
+    """Every applied step's Δ per layer, as low-rank factors; saved in checkpoints as extra state."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
+
+    def get_extra_state(self):
+        return [{str(l): (a.cpu(), b.cpu()) for l, (a, b) in s.items()} for s in self.steps]
+
+    def set_extra_state(self, state) -> None:
+        self.steps = [{int(l): (a, b) for l, (a, b) in s.items()} for s in state]
+
+    def delta(self, layer: int, shape, device) -> torch.Tensor:
+        """ΣΔ of a layer, summed in step order in float64 (deterministic)."""
+        total = torch.zeros(shape, dtype=torch.float64, device=device)
+        for s in self.steps:
+            if layer in s:
+                a, b = s[layer]
+                total += a.to(device, torch.float64) @ b.to(device, torch.float64).T
+        return total
+
+
+class LocateEditor(Editor):
+    """Base of the closed-form editors: statistics, templates, targets, and exact weight bookkeeping.
+
+    Args:
+        layers: the MLP output projections edited (lowest first).
+        mom2_update_weight: λ, the weight of the key covariance in the closed form.
+        corpus, stats_samples, stats_max_length: where E[kkᵀ] comes from (cached on disk).
+        template_spec: [[length, count], ...] of generated context templates after "{}".
+        template_seed: seed of the template generation.
+        key_position: "subject_last" or "prompt_last".
+        v_steps, v_lr, clamp_norm_factor, v_weight_decay, kl_factor: target optimisation (§2.3).
+    """
+
+    method = "locate"
+    target_parts: tuple[str, ...] = ("block",)
+
+    def __init__(self, layers: list[int] = [3, 4, 5, 6, 7], mom2_update_weight: float = 15000.0,
+                 corpus: str = "wiki-offline", stats_samples: int | None = None, stats_max_length: int = 256,
+                 template_spec: list[list[int]] = [[10, 5]], template_seed: int = 0,
+                 key_position: str = "subject_last", v_steps: int = 25, v_lr: float = 0.5,
+                 clamp_norm_factor: float = 0.75, v_weight_decay: float = 0.5, kl_factor: float = 0.0625,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if not layers:
+            raise ValueError("at least one layer must be edited")
+        self.layers = sorted({self.layout.layer_index(l) for l in layers})
+        self.history = EditHistory()
+        self._w0: dict[int, torch.Tensor] = {}
+        self._stats: dict[int, torch.Tensor] = {}
+
+    # --- exact weight bookkeeping ---------------------------------------------------------------
+    def _weight(self, layer: int) -> torch.Tensor:
+        return weight_out_in(self.layout.mlp_out(layer))
+
+    def _original(self, layer: int) -> torch.Tensor:
+        if layer not in self._w0:
+            self._w0[layer] = self._weight(layer).detach().clone()
+        return self._w0[layer]
+
+    @torch.no_grad()
+    def refresh_weights(self) -> None:
+        """W = W₀ + ΣΔ (or W₀ when disabled) for every edited layer, recomputed from scratch."""
+        edited = {l for s in self.history.steps for l in s} | set(self._w0)
+        for layer in edited:
+            w0 = self._original(layer)
+            if self.enabled:
+                w = (w0.double() + self.history.delta(layer, w0.shape, w0.device)).to(w0.dtype)
+            else:
+                w = w0
+            self._weight(layer).copy_(w)
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        before = self.enabled
+        self.enabled = False
+        self.refresh_weights()
+        try:
+            yield
+        finally:
+            self.enabled = before
+            self.refresh_weights()
+
+    def add_step(self, factors: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for layer in factors:
+            self._original(layer)
+        self.history.steps.append(factors)
+        self.refresh_weights()
+
+    def undo(self, steps: int = 1) -> None:
+        """Withdraw the last `steps` edit steps; the weights return to their exact previous values."""
+        if steps > len(self.history.steps):
+            raise ValueError(f"only {len(self.history.steps)} steps to undo")
+        del self.history.steps[len(self.history.steps) - steps:]
+        del self.edit_log[max(0, len(self.edit_log) - steps):]
+        self.refresh_weights()
+
+    def snapshot(self):
+        return len(self.history.steps)
+
+    def restore(self, snap) -> None:
+        del self.history.steps[snap:]
+        self.refresh_weights()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        extra = state_dict.get("history._extra_state")
+        if extra is None:
+            raise RuntimeError("this checkpoint holds no edit history")
+        self.history.set_extra_state(extra)
+        self.refresh_weights()
+        return nn.modules.module._IncompatibleKeys([], [])
+
+    def check_finite(self) -> None:
+        for s in self.history.steps[-1:]:
+            for layer, (a, b) in s.items():
+                if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                    raise FloatingPointError(f"non-finite update at layer {layer}")
+
+    # --- shared pieces ---------------------------------------------------------------------------
+    def covariance(self, layer: int) -> torch.Tensor:
+        """E[kkᵀ] of the original model at `layer` (cached on disk and in memory)."""
+        missing = [l for l in self.layers if l not in self._stats]
+        if layer not in self._stats:
+            from editing.stats import second_moments
+
+            with self.disabled():
+                self._stats.update(second_moments(self.model, self.tokenizer, missing, corpus=self.hparams.corpus,
+                                                  n_samples=self.hparams.stats_samples,
+                                                  max_length=self.hparams.stats_max_length))
+        return self._stats[layer].to(self.device)
+
+    def template_groups(self) -> list[list[str]]:
+        return context_templates(self, self.hparams.template_spec, self.hparams.template_seed)
+
+    def target_config(self) -> TargetConfig:
+        h = self.hparams
+        return TargetConfig(layer=self.layers[-1], parts=self.target_parts, steps=h.v_steps, lr=h.v_lr,
+                            clamp=h.clamp_norm_factor, weight_decay=h.v_weight_decay, kl_factor=h.kl_factor)
+
+    def keys(self, requests: list[EditRequest], layer: int) -> torch.Tensor:
+        return compute_keys(self, requests, layer, self.template_groups(), self.hparams.key_position)

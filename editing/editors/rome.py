@@ -1,0 +1,51 @@
+"""ROME (Meng et al. 2022): a rank-one update of one MLP output projection per edit (§2.6).
+
+u = E[kkᵀ]⁻¹k* (k* the key averaged over all context templates; `mom2_adjustment=False` uses k*),
+normalised; v* = m^L + δ from the target optimisation at the MLP output; Δ = (v* − W k) uᵀ / (uᵀk)
+with k and Wk at the bare prompt (the official code's choice; the paper uses k* there too:
+`bare_key=False`). Several requests are applied one after another (sequential ROME).
+"""
+from __future__ import annotations
+
+import torch
+
+from editing.data.records import EditRequest
+from editing.editors.locate import LocateEditor, compute_keys, compute_targets, current_values
+
+
+class ROME(LocateEditor):
+    method = "rome"
+    target_parts = ("mlp",)
+
+    def __init__(self, layers: list[int] = [5], template_spec: list[list[int]] = [[5, 10], [10, 10]],
+                 v_steps: int = 20, clamp_norm_factor: float = 4.0, mom2_adjustment: bool = True,
+                 bare_key: bool = True, **kwargs):
+        if len(layers) != 1:
+            raise ValueError(f"ROME edits exactly one layer, got {layers}")
+        super().__init__(layers=layers, template_spec=template_spec, v_steps=v_steps,
+                         clamp_norm_factor=clamp_norm_factor, **kwargs)
+
+    def apply_edit(self, requests: list[EditRequest]) -> dict:
+        layer = self.layers[0]
+        flat = [t for g in self.template_groups() for t in g]
+        self.history.steps.append({})
+        losses = []
+        for r in requests:
+            targets = compute_targets(self, [r], self.target_config(), flat)
+            v = targets.z["mlp"][0].double()
+            k_star = compute_keys(self, [r], layer, [flat], self.hparams.key_position)[0].double()
+            if self.hparams.mom2_adjustment:
+                u = torch.linalg.solve(self.covariance(layer).double(), k_star)
+            else:
+                u = k_star
+            u = u / u.norm()
+            k = compute_keys(self, [r], layer, [["{}"]], self.hparams.key_position)[0].double() \
+                if self.hparams.bare_key else k_star
+            wk = current_values(self, [r], "mlp", layer)[0].double()
+            right = (v - wk) / (k @ u)
+            step = self.history.steps[-1]
+            a, b = step.get(layer, (right.new_zeros(right.shape[0], 0), u.new_zeros(u.shape[0], 0)))
+            step[layer] = (torch.cat([a, right[:, None]], 1), torch.cat([b, u[:, None]], 1))
+            self.refresh_weights()
+            losses.append(float(targets.loss.mean()))
+        return {"target_loss": sum(losses) / len(losses)}
