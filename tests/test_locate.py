@@ -66,7 +66,10 @@ def test_batched_targets_equal_one_at_a_time(tiny_llama):
         single = compute_targets(ed, [r], cfg, flat)
         torch.testing.assert_close(batched.z["block"][i], single.z["block"][0], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(batched.loss[i], single.loss[0], atol=1e-4, rtol=1e-4)
-    # the clamp holds and the loss went down from step 0
+    # the truncated forward (from block L, LM head at scored positions only) equals the full one
+    full = compute_targets(ed, REQS, cfg, flat, truncated=False)
+    torch.testing.assert_close(batched.z["block"], full.z["block"], atol=1e-4, rtol=1e-4)
+    # the clamp holds
     delta = batched.z["block"] - batched.init["block"]
     assert (delta.norm(dim=-1) <= cfg.clamp * batched.init["block"].norm(dim=-1) + 1e-4).all()
 

@@ -158,13 +158,15 @@ def _part_module(editor: Editor, part: str, layer: int) -> nn.Module:
 
 
 def compute_targets(editor: Editor, requests: list[EditRequest], cfg: TargetConfig,
-                    templates: list[str]) -> Targets:
+                    templates: list[str], truncated: bool = True) -> Targets:
     """Optimise one delta per request (and per part) so that every template-prefixed prompt predicts
     target_new, all requests in one batch. The forward starts at block `cfg.layer` from cached lower
     states and the LM head runs only at the target positions and the KL positions.
 
     Requests are independent: Adam acts elementwise, each request stops early on its own, and a
-    stopped request's delta is frozen, so the result equals one optimisation per request."""
+    stopped request's delta is frozen, so the result equals one optimisation per request.
+    `truncated=False` runs the whole model and projects every position to the vocabulary, as the
+    official code does (the reference path of tests and benchmarks)."""
     lay = editor.layout
     L = lay.layer_index(cfg.layer)
     u = len(requests)
@@ -215,8 +217,13 @@ def compute_targets(editor: Editor, requests: list[EditRequest], cfg: TargetConf
     for step in range(cfg.steps):
         ctx = [hooks.add_at(_part_module(editor, p, L), sl, delta[owner_t, j]) for j, p in enumerate(cfg.parts)]
         with _all(ctx):
-            hidden = lay.run_from(L, h_in, batch.attention_mask)
-        logits = lay.lm_head(hooks.gather_at(hidden, positions)).float()
+            if truncated:
+                hidden = lay.run_from(L, h_in, batch.attention_mask)
+                logits = lay.lm_head(hooks.gather_at(hidden, positions)).float()
+            else:
+                full = editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                    use_cache=False).logits
+                logits = hooks.gather_at(full, positions).float()
         logp = F.log_softmax(logits, -1)
         tok = logp[:n_rw].gather(-1, batch.target_ids[:n_rw, :, None]).squeeze(-1) * batch.target_mask[:n_rw]
         nll_row = -tok.sum(1) / batch.target_mask[:n_rw].sum(1)
