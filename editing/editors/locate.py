@@ -214,33 +214,43 @@ def compute_targets(editor: Editor, requests: list[EditRequest], cfg: TargetConf
     init_kl_logp = None
     loss_r = torch.zeros(u, device=device)
     step = 0
+    is_rewrite = torch.arange(len(texts), device=device) < n_rw
     for step in range(cfg.steps):
-        ctx = [hooks.add_at(_part_module(editor, p, L), sl, delta[owner_t, j]) for j, p in enumerate(cfg.parts)]
+        # Only the rows of requests still optimising run (a stopped request's delta is frozen).
+        rows = active[owner_t].nonzero().squeeze(1)
+        own, rw = owner_t[rows], is_rewrite[rows]
+        mask = batch.attention_mask[rows]
+        width = int(mask.sum(1).max())
+        mask = mask[:, :width]
+        ctx = [hooks.add_at(_part_module(editor, p, L), sl[rows], delta[own, j]) for j, p in enumerate(cfg.parts)]
         with _all(ctx):
             if truncated:
-                hidden = lay.run_from(L, h_in, batch.attention_mask)
-                logits = lay.lm_head(hooks.gather_at(hidden, positions)).float()
+                hidden = lay.run_from(L, h_in[rows, :width], mask)
+                logits = lay.lm_head(hooks.gather_at(hidden, positions[rows])).float()
             else:
-                full = editor.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                full = editor.model(input_ids=batch.input_ids[rows, :width], attention_mask=mask,
                                     use_cache=False).logits
-                logits = hooks.gather_at(full, positions).float()
+                logits = hooks.gather_at(full, positions[rows]).float()
         logp = F.log_softmax(logits, -1)
-        tok = logp[:n_rw].gather(-1, batch.target_ids[:n_rw, :, None]).squeeze(-1) * batch.target_mask[:n_rw]
-        nll_row = -tok.sum(1) / batch.target_mask[:n_rw].sum(1)
-        nll = torch.zeros(u, device=device).index_add_(0, owner_t[:n_rw], nll_row) / len(templates)
-        kl_logp = logp[n_rw:, 0]
-        if init_kl_logp is None:
+        t_ids, t_mask = batch.target_ids[rows][rw], batch.target_mask[rows][rw]
+        tok = logp[rw].gather(-1, t_ids[..., None]).squeeze(-1) * t_mask
+        nll = torch.zeros(u, device=device).index_add_(0, own[rw], -tok.sum(1) / t_mask.sum(1)) / len(templates)
+        kl_logp = logp[~rw, 0]
+        if init_kl_logp is None:  # step 0: every request is active, KL rows in request order
             init_kl_logp = kl_logp.detach()
-        kl = (kl_logp.exp() * (kl_logp - init_kl_logp)).sum(-1)   # KL(P_current ‖ P_init)
+        kl_own = own[~rw]
+        kl = torch.zeros(u, device=device).index_add_(
+            0, kl_own, (kl_logp.exp() * (kl_logp - init_kl_logp[kl_own])).sum(-1))  # KL(P_current ‖ P_init)
         wd = sum(delta[:, j].norm(dim=-1) / init[p].norm(dim=-1) ** 2 for j, p in enumerate(cfg.parts))
-        loss_r = cfg.nll_factor * nll + cfg.kl_factor * kl + cfg.weight_decay * wd
+        new_loss = cfg.nll_factor * nll + cfg.kl_factor * kl + cfg.weight_decay * wd
+        loss_r = torch.where(active, new_loss.detach(), loss_r)
         if not torch.isfinite(loss_r).all():
             raise FloatingPointError(f"non-finite target loss {loss_r.tolist()}")
-        active &= loss_r.detach() >= cfg.early_stop_loss
+        active &= loss_r >= cfg.early_stop_loss
         if not active.any() or step == cfg.steps - 1:
             break
         opt.zero_grad(set_to_none=True)
-        (loss_r * active).sum().backward()
+        (new_loss * active).sum().backward()
         frozen = delta.detach()[~active].clone()
         opt.step()
         with torch.no_grad():
