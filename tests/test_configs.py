@@ -5,7 +5,7 @@ import pytest
 
 from editing.cli import main
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
