@@ -442,5 +442,27 @@ class LocateEditor(Editor):
         return TargetConfig(layer=self.layers[-1], parts=self.target_parts, steps=h.v_steps, lr=h.v_lr,
                             clamp=h.clamp_norm_factor, weight_decay=h.v_weight_decay, kl_factor=h.kl_factor)
 
+    def targets(self, requests: list[EditRequest], templates: list[str]) -> Targets:
+        """`compute_targets`, shared across ranks under DDP: rank r optimises requests r, r+W, ...
+        and every rank gathers all targets, so all ranks apply the same update."""
+        cfg = self.target_config()
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return compute_targets(self, requests, cfg, templates)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        mine = requests[rank::world]
+        local = compute_targets(self, mine, cfg, templates) if mine else None
+        payload = None if local is None else (
+            {p: v.cpu() for p, v in local.z.items()}, {p: v.cpu() for p, v in local.init.items()},
+            local.loss.cpu(), local.steps)
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, payload)
+        order = [(i % world, i // world) for i in range(len(requests))]
+        pick = lambda which, p: torch.stack([gathered[r][which][p][j] for r, j in order]).to(self.device)
+        parts = cfg.parts
+        return Targets(z={p: pick(0, p) for p in parts}, init={p: pick(1, p) for p in parts},
+                       loss=torch.stack([gathered[r][2][j] for r, j in order]).to(self.device),
+                       steps=max(g[3] for g in gathered if g is not None))
+
     def keys(self, requests: list[EditRequest], layer: int) -> torch.Tensor:
         return compute_keys(self, requests, layer, self.template_groups(), self.hparams.key_position)

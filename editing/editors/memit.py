@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from editing.data.records import EditRequest
-from editing.editors.locate import LocateEditor, closed_form, compute_targets, current_values
+from editing.editors.locate import LocateEditor, closed_form, current_values
 
 
 class MEMIT(LocateEditor):
@@ -24,7 +24,7 @@ class MEMIT(LocateEditor):
 
     def apply_edit(self, requests: list[EditRequest]) -> dict:
         templates = [t for g in self.template_groups() for t in g]
-        targets = compute_targets(self, requests, self.target_config(), templates)
+        targets = self.targets(requests, templates)
         z = targets.z[self.z_part]
         last = self.layers[-1]
         self.history.steps.append({})
