@@ -43,6 +43,13 @@ def main() -> None:
     print(f"batched + truncated: {t1 - t0:.1f} s ({(t1 - t0) / args.n:.2f} s/request)")
     print(f"one at a time, full forward: {t2 - t1:.1f} s ({(t2 - t1) / args.n:.2f} s/request)")
     print(f"speed-up: {(t2 - t1) / (t1 - t0):.1f}x; max relative difference of the targets: {float(rel):.2e}")
+    cfg.autocast = "bfloat16"
+    t3 = time.perf_counter()
+    amp = compute_targets(editor, requests, cfg, templates)
+    t4 = time.perf_counter()
+    rel = ((amp.z["block"] - z_slow).norm(dim=-1) / z_slow.norm(dim=-1)).max()
+    print(f"batched + truncated + bf16 autocast: {t4 - t3:.1f} s ({(t4 - t3) / args.n:.2f} s/request), "
+          f"speed-up {(t2 - t1) / (t4 - t3):.1f}x; max relative difference {float(rel):.2e}")
 
 
 if __name__ == "__main__":

@@ -141,6 +141,7 @@ class TargetConfig:
     nll_factor: float = 1.0
     early_stop_loss: float = 5e-2
     kl_prompt: str = "{} is a"
+    autocast: str | None = None  # e.g. "bfloat16": the forward/backward under autocast (~3x faster on CPU)
 
 
 @dataclass
@@ -223,6 +224,8 @@ def compute_targets(editor: Editor, requests: list[EditRequest], cfg: TargetConf
         width = int(mask.sum(1).max())
         mask = mask[:, :width]
         ctx = [hooks.add_at(_part_module(editor, p, L), sl[rows], delta[own, j]) for j, p in enumerate(cfg.parts)]
+        if cfg.autocast is not None:
+            ctx.append(torch.autocast(device.type, dtype=getattr(torch, cfg.autocast)))
         with _all(ctx):
             if truncated:
                 hidden = lay.run_from(L, h_in[rows, :width], mask)
@@ -335,6 +338,8 @@ class LocateEditor(Editor):
         template_seed: seed of the template generation.
         key_position: "subject_last" or "prompt_last".
         v_steps, v_lr, clamp_norm_factor, v_weight_decay, kl_factor: target optimisation (§2.3).
+        v_autocast: run the target optimisation under autocast in this dtype ("bfloat16": about 3x
+            faster on CPUs with bf16 units; the targets differ by a few percent); None = exact.
     """
 
     method = "locate"
@@ -345,7 +350,7 @@ class LocateEditor(Editor):
                  template_spec: list[list[int]] = [[10, 5]], template_seed: int = 0,
                  key_position: str = "subject_last", v_steps: int = 25, v_lr: float = 0.5,
                  clamp_norm_factor: float = 0.75, v_weight_decay: float = 0.5, kl_factor: float = 0.0625,
-                 **kwargs):
+                 v_autocast: str | None = None, **kwargs):
         super().__init__(**kwargs)
         if not layers:
             raise ValueError("at least one layer must be edited")
@@ -440,7 +445,8 @@ class LocateEditor(Editor):
     def target_config(self) -> TargetConfig:
         h = self.hparams
         return TargetConfig(layer=self.layers[-1], parts=self.target_parts, steps=h.v_steps, lr=h.v_lr,
-                            clamp=h.clamp_norm_factor, weight_decay=h.v_weight_decay, kl_factor=h.kl_factor)
+                            clamp=h.clamp_norm_factor, weight_decay=h.v_weight_decay, kl_factor=h.kl_factor,
+                            autocast=h.v_autocast)
 
     def targets(self, requests: list[EditRequest], templates: list[str]) -> Targets:
         """`compute_targets`, shared across ranks under DDP: rank r optimises requests r, r+W, ...
