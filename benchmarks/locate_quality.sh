@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Quality of the locate-then-edit family on SmolLM2-135M: N counterfactual edits from the shipped
+# ParaRel set (default 100): ROME (sequential), MEMIT and PMET (one batch) against NoEdit and FT.
+# Prints the merged table and each run's wall time; writes benchmarks/results/locate_quality.{md,png}.
+#   bash benchmarks/locate_quality.sh [N]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-100}
+RUNS=runs/locate_quality
+OUT=benchmarks/results
+rm -rf "$RUNS"
+mkdir -p "$OUT"
+timed() { local name=$1; shift; local s=$(date +%s); "$@"; echo "$name: $(( $(date +%s) - s )) s" >> "$RUNS/times.txt"; }
+mkdir -p "$RUNS"
+timed noedit python cli.py test --config configs/noedit.yaml --data.num_edits "$N" --trainer.default_root_dir "$RUNS/noedit"
+timed ft python cli.py fit --config configs/ft.yaml --data.num_edits "$N" --trainer.default_root_dir "$RUNS/ft" --test_after_fit true
+for m in memit pmet rome; do
+  timed "$m" python cli.py fit --config "configs/$m.yaml" --data.num_edits "$N" --trainer.default_root_dir "$RUNS/$m" --test_after_fit true
+done
+python -m editing.report "$RUNS"/noedit "$RUNS"/ft "$RUNS"/rome "$RUNS"/memit "$RUNS"/pmet --out "$OUT/locate_quality.md" \
+  --plot "$OUT/locate_quality.png" \
+  --columns reliability,generality,locality,score,rewrite_acc,paraphrase_acc,neighborhood_unchanged,locality_unchanged
+cat "$RUNS/times.txt"
