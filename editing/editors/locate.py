@@ -142,6 +142,7 @@ class TargetConfig:
     early_stop_loss: float = 5e-2
     kl_prompt: str = "{} is a"
     autocast: str | None = None  # e.g. "bfloat16": the forward/backward under autocast (~3x faster on CPU)
+    chunk_rows: int = 32         # rows per forward/backward (sorted by length, gradients accumulated)
 
 
 @dataclass
@@ -216,44 +217,53 @@ def compute_targets(editor: Editor, requests: list[EditRequest], cfg: TargetConf
     loss_r = torch.zeros(u, device=device)
     step = 0
     is_rewrite = torch.arange(len(texts), device=device) < n_rw
+    lengths = batch.attention_mask.sum(1)
     for step in range(cfg.steps):
-        # Only the rows of requests still optimising run (a stopped request's delta is frozen).
+        # Only the rows of requests still optimising run (a stopped request's delta is frozen), in
+        # chunks of similar length so that little is spent on padding; gradients accumulate.
         rows = active[owner_t].nonzero().squeeze(1)
-        own, rw = owner_t[rows], is_rewrite[rows]
-        mask = batch.attention_mask[rows]
-        width = int(mask.sum(1).max())
-        mask = mask[:, :width]
-        ctx = [hooks.add_at(_part_module(editor, p, L), sl[rows], delta[own, j]) for j, p in enumerate(cfg.parts)]
-        if cfg.autocast is not None:
-            ctx.append(torch.autocast(device.type, dtype=getattr(torch, cfg.autocast)))
-        with _all(ctx):
-            if truncated:
-                hidden = lay.run_from(L, h_in[rows, :width], mask)
-                logits = lay.lm_head(hooks.gather_at(hidden, positions[rows])).float()
-            else:
-                full = editor.model(input_ids=batch.input_ids[rows, :width], attention_mask=mask,
-                                    use_cache=False).logits
-                logits = hooks.gather_at(full, positions[rows]).float()
-        logp = F.log_softmax(logits, -1)
-        t_ids, t_mask = batch.target_ids[rows][rw], batch.target_mask[rows][rw]
-        tok = logp[rw].gather(-1, t_ids[..., None]).squeeze(-1) * t_mask
-        nll = torch.zeros(u, device=device).index_add_(0, own[rw], -tok.sum(1) / t_mask.sum(1)) / len(templates)
-        kl_logp = logp[~rw, 0]
-        if init_kl_logp is None:  # step 0: every request is active, KL rows in request order
-            init_kl_logp = kl_logp.detach()
-        kl_own = own[~rw]
-        kl = torch.zeros(u, device=device).index_add_(
-            0, kl_own, (kl_logp.exp() * (kl_logp - init_kl_logp[kl_own])).sum(-1))  # KL(P_current ‖ P_init)
+        rows = rows[torch.argsort(lengths[rows], stable=True)]
+        opt.zero_grad(set_to_none=True)
+        nll = torch.zeros(u, device=device)
+        kl = torch.zeros(u, device=device)
+        for chunk in rows.split(cfg.chunk_rows):
+            own, rw = owner_t[chunk], is_rewrite[chunk]
+            width = int(lengths[chunk].max())
+            mask = batch.attention_mask[chunk, :width]
+            ctx = [hooks.add_at(_part_module(editor, p, L), sl[chunk], delta[own, j]) for j, p in enumerate(cfg.parts)]
+            if cfg.autocast is not None:
+                ctx.append(torch.autocast(device.type, dtype=getattr(torch, cfg.autocast)))
+            with _all(ctx):
+                if truncated:
+                    hidden = lay.run_from(L, h_in[chunk, :width], mask)
+                    logits = lay.lm_head(hooks.gather_at(hidden, positions[chunk])).float()
+                else:
+                    full = editor.model(input_ids=batch.input_ids[chunk, :width], attention_mask=mask,
+                                        use_cache=False).logits
+                    logits = hooks.gather_at(full, positions[chunk]).float()
+            logp = F.log_softmax(logits, -1)
+            t_ids, t_mask = batch.target_ids[chunk][rw], batch.target_mask[chunk][rw]
+            tok = logp[rw].gather(-1, t_ids[..., None]).squeeze(-1) * t_mask
+            nll_c = torch.zeros(u, device=device).index_add_(0, own[rw], -tok.sum(1) / t_mask.sum(1)) / len(templates)
+            kl_own, kl_logp = own[~rw], logp[~rw, 0]
+            if step == 0:  # every request is active: record the unedited distribution
+                if init_kl_logp is None:
+                    init_kl_logp = torch.zeros(u, kl_logp.shape[-1], device=device)
+                init_kl_logp[kl_own] = kl_logp.detach()
+            kl_c = torch.zeros(u, device=device).index_add_(
+                0, kl_own, (kl_logp.exp() * (kl_logp - init_kl_logp[kl_own])).sum(-1))  # KL(P_current ‖ P_init)
+            ((cfg.nll_factor * nll_c + cfg.kl_factor * kl_c) * active).sum().backward()
+            nll += nll_c.detach()
+            kl += kl_c.detach()
         wd = sum(delta[:, j].norm(dim=-1) / init[p].norm(dim=-1) ** 2 for j, p in enumerate(cfg.parts))
-        new_loss = cfg.nll_factor * nll + cfg.kl_factor * kl + cfg.weight_decay * wd
-        loss_r = torch.where(active, new_loss.detach(), loss_r)
+        (cfg.weight_decay * wd * active).sum().backward()
+        new_loss = cfg.nll_factor * nll + cfg.kl_factor * kl + cfg.weight_decay * wd.detach()
+        loss_r = torch.where(active, new_loss, loss_r)
         if not torch.isfinite(loss_r).all():
             raise FloatingPointError(f"non-finite target loss {loss_r.tolist()}")
         active &= loss_r >= cfg.early_stop_loss
         if not active.any() or step == cfg.steps - 1:
             break
-        opt.zero_grad(set_to_none=True)
-        (new_loss * active).sum().backward()
         frozen = delta.detach()[~active].clone()
         opt.step()
         with torch.no_grad():
