@@ -22,3 +22,20 @@ def test_ft_lifts_reliability_on_five_edits(smollm2_path):
     with editor.disabled():
         again = editor.evaluate(cases, style=bench.style)
     assert again["reliability"] == before["reliability"]
+
+
+def test_memit_efficacy_on_twenty_edits(smollm2_path):
+    """Issue 3: MEMIT on SmolLM2 reaches efficacy >= 90 % on 20 counterfactual edits (one batch)."""
+    from editing.editors import MEMIT
+
+    bench = load_benchmark(kind="counterfactual")
+    requests = bench.requests[:20]
+    editor = MEMIT(layers=[3, 4, 5, 6, 7], mom2_update_weight=1000, stats_samples=1000, v_autocast="bfloat16")
+    before = editor.evaluate(requests, style=bench.style)
+    editor.edit(requests)
+    after = editor.evaluate(requests, style=bench.style)
+    assert after["rewrite_win"] >= 90, after
+    assert after["paraphrase_win"] > before["paraphrase_win"]
+    assert after["neighborhood_unchanged"] >= 80  # unrelated predictions mostly kept
+    editor.undo()
+    assert editor.evaluate(requests, style=bench.style) == before
