@@ -1,244 +1,347 @@
 """Editing metrics as torchmetrics, exact under DDP.
 
 Every per-prompt quantity is averaged per case (the prompts of one edit request), then over cases;
-the states are the sum over cases and the number of cases, both summed across ranks. Cases are never
-split across batches or ranks, so the grouping happens inside `update`.
+the only states are the sum over cases of the per-case means and the number of cases, both summed
+across ranks (``dist_reduce_fx="sum"``), so the synchronised result equals a single process. Cases are
+never split across batches or ranks, so the per-case grouping happens inside ``update``.
 
-The papers use the same words for different things (../shared/METHODS.md §7), so every number is
-reported under its own name (`DEFINITIONS`) and the headline `reliability` / `generality` /
-`locality` name the underlying metric they take for the benchmark's style.
+The papers use the same words for different things (METHODS.md §7), so every number is reported
+under its own name (`DEFINITIONS`), and the headline ``reliability`` / ``generality`` / ``locality``
+name the underlying metric they take for the benchmark's style (`headline_definitions`).
+
+Percentages are 0–100 in `EditMetrics.compute`; the metric classes themselves return fractions 0–1
+(NaN when they have no data).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torchmetrics import Metric
 
-KINDS = ("rewrite", "paraphrase", "neighborhood", "locality")
-WIN_KINDS = ("rewrite", "paraphrase", "neighborhood")
-UNCHANGED_KINDS = ("neighborhood", "locality")
+KINDS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood", "locality")
+WIN_KINDS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood")
+UNCHANGED_KINDS: tuple[str, ...] = ("neighborhood", "locality")
+HEADLINE_KEYS: tuple[str, ...] = ("reliability", "generality", "locality")
 
 DEFINITIONS: dict[str, str] = {
-    "rewrite_acc": "teacher-forced token accuracy of target_new on the edit prompt (zsRE ES; EasyEdit reliability)",
-    "paraphrase_acc": "teacher-forced token accuracy of target_new on paraphrases (zsRE PS; EasyEdit generality)",
-    "neighborhood_acc": "teacher-forced token accuracy of target_true on neighbourhood prompts",
-    "locality_acc": "teacher-forced token accuracy of the locality answer (zsRE NS of MEMIT/JEEP/iReVa)",
-    "rewrite_win": "share of edit prompts where target_new's mean token log-prob beats target_true's (COUNTERFACT efficacy score)",
-    "paraphrase_win": "share of paraphrases where target_new beats target_true (COUNTERFACT paraphrase score)",
-    "neighborhood_win": "share of neighbourhood prompts where target_true beats target_new (COUNTERFACT neighbourhood score)",
-    "neighborhood_unchanged": "share of teacher-forced argmax tokens on neighbourhood prompts unchanged against the unedited model",
+    "rewrite_acc": "teacher-forced token accuracy of target_new on the edit prompt (zsRE ES of MEMIT/JEEP/iReVa/AdaPLE; EasyEdit/COMEBA-HK reliability)",
+    "paraphrase_acc": "teacher-forced token accuracy of target_new on paraphrases (zsRE PS of MEMIT/JEEP/iReVa/AdaPLE; EasyEdit/COMEBA-HK generality)",
+    "neighborhood_acc": "teacher-forced token accuracy of target_true on neighbourhood prompts (ground-truth accuracy)",
+    "locality_acc": "teacher-forced token accuracy of the locality answer (zsRE NS of MEMIT/JEEP/iReVa/AdaPLE, NQ ground truth)",
+    "rewrite_win": "share of edit prompts where target_new's mean token log-prob beats target_true's (COUNTERFACT efficacy score, ROME/MEMIT/JEEP/AdaPLE)",
+    "paraphrase_win": "share of paraphrases where target_new's mean token log-prob beats target_true's (COUNTERFACT paraphrase/generalisation score)",
+    "neighborhood_win": "share of neighbourhood prompts where target_true's mean token log-prob beats target_new's (COUNTERFACT neighbourhood score)",
+    "neighborhood_unchanged": "share of teacher-forced argmax tokens on neighbourhood prompts unchanged against the unedited model (EasyEdit/COMEBA-HK style)",
     "locality_unchanged": "share of teacher-forced argmax tokens on the locality prompt unchanged against the unedited model (EasyEdit/COMEBA-HK locality)",
-    "fluency": "ROME's generation entropy: weighted mean of 2- and 3-gram entropies (weights 2/3, 4/3, bits) of generations (not a percentage)",
-    "reliability": "headline reliability (see headline_definitions for the metric it takes)",
-    "generality": "headline generality (see headline_definitions)",
-    "locality": "headline locality (see headline_definitions)",
-    "score": "harmonic mean of reliability, generality and locality (JEEP, AdaPLE, iReVa published version)",
+    "fluency": "ROME generation entropy: per text the mean of 2/3·H2 and 4/3·H3 (n-gram entropies in bits), mean over texts; not a percentage",
+    "reliability": "headline reliability: rewrite_win (counterfact) or rewrite_acc (zsre)",
+    "generality": "headline generality: paraphrase_win (counterfact) or paraphrase_acc (zsre)",
+    "locality": "headline locality: neighborhood_win (counterfact) or locality_unchanged, else neighborhood_unchanged (zsre)",
+    "score": "harmonic mean of reliability, generality and locality (JEEP, AdaPLE, iReVa published version); 0 if any is 0",
     "score_mean": "arithmetic mean of reliability, generality and locality (iReVa draft and code, COMEBA-HK)",
 }
 
-HEADLINES = {
+# Headline key -> underlying metric, per benchmark style.
+HEADLINES: dict[str, dict[str, str]] = {
     "counterfact": {"reliability": "rewrite_win", "generality": "paraphrase_win", "locality": "neighborhood_win"},
     "zsre": {"reliability": "rewrite_acc", "generality": "paraphrase_acc", "locality": "locality_unchanged"},
+}
+# Used, in order, when the headline's own metric has no data.
+HEADLINE_FALLBACKS: dict[str, dict[str, tuple[str, ...]]] = {
+    "counterfact": {},
+    "zsre": {"locality": ("neighborhood_unchanged",)},
 }
 
 
 def headline_definitions(style: str) -> dict[str, str]:
-    """Which underlying metric each headline key uses for a benchmark style."""
+    """Which underlying metric each headline key uses for a benchmark style (key -> metric key)."""
     if style not in HEADLINES:
-        raise ValueError(f"unknown style {style!r}; expected one of {sorted(HEADLINES)}")
+        raise ValueError(f"unknown evaluation style {style!r}; expected one of {sorted(HEADLINES)}")
     return dict(HEADLINES[style])
 
 
 @dataclass
 class PromptStats:
-    """One batch of N scored prompts (T = longest target in tokens)."""
+    """One batch of N scored prompts (T = longest target in tokens).
+
+    ``groups`` holds the case index of each prompt; a case's prompts are all in one batch.
+    ``base_pred`` entries below 0 mean "not computed" and are left out of `UnchangedPrediction`.
+    """
 
     kinds: list[str]
-    groups: torch.Tensor            # [N] case index of each prompt
-    correct: torch.Tensor           # [N, T] teacher-forced argmax == target token
-    mask: torch.Tensor              # [N, T] valid target positions
-    target_logprob: torch.Tensor    # [N] mean per-token log-prob of the target
-    contrast_logprob: torch.Tensor  # [N] same for the contrast answer, NaN where none
-    pred: torch.Tensor              # [N, T] argmax ids at the target positions, edited model
-    base_pred: torch.Tensor | None = None  # [N, T] same with the edit disabled
+    groups: torch.Tensor            # [N] long: case index of each prompt
+    correct: torch.Tensor           # [N, T] bool: teacher-forced argmax == target token
+    mask: torch.Tensor              # [N, T] bool: valid target positions
+    target_logprob: torch.Tensor    # [N] float: mean per-token log-prob of the target
+    contrast_logprob: torch.Tensor  # [N] float: same for the contrast answer, NaN where none
+    pred: torch.Tensor              # [N, T] long: argmax ids at the target positions, edited model
+    base_pred: torch.Tensor | None = None  # [N, T] long: same with the edit disabled
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    def validate(self) -> "PromptStats":
+        n = len(self.kinds)
+        checks = {"groups": (self.groups, 1), "target_logprob": (self.target_logprob, 1),
+                  "contrast_logprob": (self.contrast_logprob, 1), "correct": (self.correct, 2),
+                  "mask": (self.mask, 2), "pred": (self.pred, 2)}
+        if self.base_pred is not None:
+            checks["base_pred"] = (self.base_pred, 2)
+        for name, (t, dim) in checks.items():
+            if t.dim() != dim or t.shape[0] != n:
+                raise ValueError(f"PromptStats.{name}: expected {dim} dims and {n} rows, got shape {tuple(t.shape)}")
+        for name in ("correct", "pred", "base_pred"):
+            t = getattr(self, name)
+            if t is not None and t.shape != self.mask.shape:
+                raise ValueError(f"PromptStats.{name}: shape {tuple(t.shape)} differs from mask {tuple(self.mask.shape)}")
+        return self
 
     def select(self, rows: torch.Tensor) -> "PromptStats":
-        take = lambda t: None if t is None else t[rows.to(t.device)]
-        idx = rows.tolist()
-        return PromptStats([self.kinds[i] for i in idx], take(self.groups), take(self.correct), take(self.mask),
-                           take(self.target_logprob), take(self.contrast_logprob), take(self.pred),
-                           take(self.base_pred))
+        """The prompts at `rows` (a LongTensor of indices)."""
+        def take(t):
+            return None if t is None else t[rows.to(t.device)]
+        return PromptStats([self.kinds[i] for i in rows.tolist()], take(self.groups), take(self.correct),
+                           take(self.mask), take(self.target_logprob), take(self.contrast_logprob),
+                           take(self.pred), take(self.base_pred))
 
 
 class GroupedMean(Metric):
-    """Mean over cases of the mean over each case's prompts of a per-prompt value."""
+    """Mean over cases of the mean over each case's prompts of a per-prompt value.
 
-    full_state_update = False
+    ``update(values, groups)``: values [N] (NaN = prompt not counted), groups [N] case indices.
+    A case none of whose prompts counts is not counted either. States: ``total`` (sum over cases of the
+    per-case means, float64) and ``cases`` (number of cases), both summed across ranks.
+    """
+
+    is_differentiable = False
     higher_is_better = True
+    full_state_update = False
+
+    total: torch.Tensor
+    cases: torch.Tensor
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("cases", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update_values(self, values: torch.Tensor, groups: torch.Tensor) -> None:
-        values = values.to(self.total.device, torch.float64)
-        groups = groups.to(self.total.device)
+    def update(self, values: torch.Tensor, groups: torch.Tensor) -> None:
+        self._accumulate(values, groups)
+
+    def _accumulate(self, values: torch.Tensor, groups: torch.Tensor) -> None:
+        device = self.total.device
+        values = values.detach().to(device=device, dtype=torch.float64).reshape(-1)
+        groups = groups.detach().to(device).reshape(-1)
+        if values.shape != groups.shape:
+            raise ValueError(f"{type(self).__name__}: {values.numel()} values but {groups.numel()} group ids")
         keep = ~torch.isnan(values)
         values, groups = values[keep], groups[keep]
         if values.numel() == 0:
             return
         uniq, inverse = torch.unique(groups, return_inverse=True)
-        sums = torch.zeros(len(uniq), dtype=torch.float64, device=values.device).index_add_(0, inverse, values)
-        counts = torch.zeros(len(uniq), dtype=torch.float64, device=values.device).index_add_(
+        sums = torch.zeros(uniq.numel(), dtype=torch.float64, device=device).index_add_(0, inverse, values)
+        counts = torch.zeros(uniq.numel(), dtype=torch.float64, device=device).index_add_(
             0, inverse, torch.ones_like(values))
         self.total += (sums / counts).sum()
-        self.cases += len(uniq)
+        self.cases += uniq.numel()
 
     def compute(self) -> torch.Tensor:
         if self.cases == 0:
-            return torch.tensor(float("nan"), dtype=torch.float64)
+            return torch.tensor(float("nan"), dtype=torch.float64, device=self.total.device)
         return self.total / self.cases
 
 
+def _masked_share(hits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per row: share of masked positions that hit; NaN for rows with no masked position."""
+    n = mask.sum(1)
+    share = (hits & mask).sum(1).to(torch.float64) / n.clamp(min=1)
+    return share.masked_fill(n == 0, float("nan"))
+
+
 class TokenAccuracy(GroupedMean):
-    """Per prompt: share of target tokens predicted by argmax under teacher forcing."""
+    """Per prompt: share of target tokens that are the teacher-forced argmax (prompts without tokens: skipped)."""
 
     def update(self, correct: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor) -> None:
-        mask = mask.bool()
-        n = mask.sum(1)
-        per_prompt = (correct.bool() & mask).sum(1).double() / n.clamp(min=1)
-        per_prompt[n == 0] = float("nan")
-        self.update_values(per_prompt, groups)
+        device = self.total.device
+        per_prompt = _masked_share(correct.detach().to(device).bool(), mask.detach().to(device).bool())
+        self._accumulate(per_prompt, groups)
 
 
 class ProbabilityWin(GroupedMean):
-    """Per prompt: 1 if the target's mean token log-prob beats the contrast's (NaN contrast: skipped)."""
+    """Per prompt: 1 if the target's mean token log-prob beats the contrast's, else 0 (ties lose).
+
+    Prompts whose contrast (or target) log-prob is NaN are skipped.
+    """
 
     def update(self, target_logprob: torch.Tensor, contrast_logprob: torch.Tensor, groups: torch.Tensor) -> None:
-        win = (target_logprob > contrast_logprob).double()
-        win[torch.isnan(contrast_logprob) | torch.isnan(target_logprob)] = float("nan")
-        self.update_values(win, groups)
+        device = self.total.device
+        tgt = target_logprob.detach().to(device, torch.float64)
+        con = contrast_logprob.detach().to(device, torch.float64)
+        win = (tgt > con).to(torch.float64).masked_fill(torch.isnan(tgt) | torch.isnan(con), float("nan"))
+        self._accumulate(win, groups)
 
 
 class UnchangedPrediction(GroupedMean):
-    """Per prompt: share of target positions whose argmax equals the unedited model's."""
+    """Per prompt: share of target positions whose edited argmax equals the unedited model's.
+
+    Positions where ``base_pred`` < 0 ("not computed") are left out; a prompt with none left is skipped.
+    """
 
     def update(self, pred: torch.Tensor, base_pred: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor) -> None:
-        mask = mask.bool()
-        n = mask.sum(1)
-        same = ((pred == base_pred.to(pred.device)) & mask).sum(1).double() / n.clamp(min=1)
-        same[n == 0] = float("nan")
-        self.update_values(same, groups)
+        device = self.total.device
+        pred, base_pred = pred.detach().to(device), base_pred.detach().to(device)
+        mask = mask.detach().to(device).bool() & (base_pred >= 0)
+        self._accumulate(_masked_share(pred == base_pred, mask), groups)
 
 
-def ngram_entropy(tokens: list, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
-    """ROME's fluency of one text: weighted mean of its n-gram entropies (bits)."""
+def ngram_entropy(tokens: Sequence, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """ROME's fluency of one text (``compute_n_gram_entropy``): the mean over n of weight_n · H_n, with
+    H_n the entropy in bits of the text's n-gram frequency distribution. An n with no n-gram counts 0."""
     ents = []
     for n in ns:
         grams = Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
         total = sum(grams.values())
         ents.append(-sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0)
-    return sum(w * e for w, e in zip(weights, ents)) / sum(weights)
+    return sum(w * e for w, e in zip(weights, ents)) / len(ns)
+
+
+def _tokens(text) -> list:
+    if isinstance(text, str):
+        return text.split()
+    if isinstance(text, torch.Tensor):
+        return text.reshape(-1).tolist()
+    return list(text)
 
 
 class NgramEntropy(Metric):
-    """Mean ROME fluency over generated texts (token-id lists, or strings split on whitespace)."""
+    """Mean ROME fluency over generated texts: token-id lists (or 1-D tensors), or strings split on whitespace."""
 
-    full_state_update = False
+    is_differentiable = False
     higher_is_better = True
+    full_state_update = False
+
+    total: torch.Tensor
+    count: torch.Tensor
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, texts: list) -> None:
-        for t in texts:
-            self.total += ngram_entropy(t.split() if isinstance(t, str) else list(t))
-            self.count += 1
+    def update(self, texts: Iterable) -> None:
+        if isinstance(texts, str):
+            texts = [texts]
+        values = [ngram_entropy(_tokens(t)) for t in texts]
+        if values:
+            self.total += math.fsum(values)
+            self.count += len(values)
 
     def compute(self) -> torch.Tensor:
-        return self.total / self.count if self.count > 0 else torch.tensor(float("nan"), dtype=torch.float64)
+        if self.count == 0:
+            return torch.tensor(float("nan"), dtype=torch.float64, device=self.total.device)
+        return self.total / self.count
 
 
-def harmonic_mean(values) -> float:
+def harmonic_mean(values: Iterable[float]) -> float:
+    """Harmonic mean; 0 if any value is 0 (or negative)."""
     values = [float(v) for v in values]
+    if not values:
+        raise ValueError("harmonic_mean of no values")
+    if any(math.isnan(v) for v in values):
+        return float("nan")
     if any(v <= 0 for v in values):
         return 0.0
     return len(values) / sum(1.0 / v for v in values)
 
 
-def arithmetic_mean(values) -> float:
+def arithmetic_mean(values: Iterable[float]) -> float:
     values = [float(v) for v in values]
-    return sum(values) / len(values)
+    if not values:
+        raise ValueError("arithmetic_mean of no values")
+    return math.fsum(values) / len(values)
 
 
 class EditMetrics(nn.Module):
-    """All metrics of one evaluation, routed by prompt kind; `compute()` gives percentages."""
+    """Every metric of one evaluation, routed by prompt kind; `compute()` gives percentages.
+
+    The metrics are submodules (a ModuleDict), so ``.to(device)`` / Lightning moves their states.
+    Under DDP, ``compute()`` synchronises every metric on every rank in the same order (a rank with no
+    prompts of a kind still takes part), so it must be called on all ranks.
+    """
 
     def __init__(self, style: str = "counterfact"):
         super().__init__()
-        self.style = style
         self.headlines = headline_definitions(style)
+        self.style = style
         m: dict[str, Metric] = {f"{k}_acc": TokenAccuracy() for k in KINDS}
         m.update({f"{k}_win": ProbabilityWin() for k in WIN_KINDS})
         m.update({f"{k}_unchanged": UnchangedPrediction() for k in UNCHANGED_KINDS})
         m["fluency"] = NgramEntropy()
         self.metrics = nn.ModuleDict(m)
+        # headline key -> the metric it took in the last compute() (after fallbacks)
+        self.headline_sources: dict[str, str] = {}
 
     def update(self, stats: PromptStats) -> None:
-        kinds = list(stats.kinds)
+        stats.validate()
+        unknown = sorted(set(stats.kinds) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown prompt kind(s) {unknown}; expected {KINDS}")
+        kinds = stats.kinds
         for kind in KINDS:
             rows = torch.tensor([i for i, k in enumerate(kinds) if k == kind], dtype=torch.long)
             if rows.numel() == 0:
                 continue
-            s = stats.select(rows)
+            s = stats if rows.numel() == len(kinds) else stats.select(rows)
             self.metrics[f"{kind}_acc"].update(s.correct, s.mask, s.groups)
             if kind in WIN_KINDS:
                 self.metrics[f"{kind}_win"].update(s.target_logprob, s.contrast_logprob, s.groups)
             if kind in UNCHANGED_KINDS and s.base_pred is not None:
                 self.metrics[f"{kind}_unchanged"].update(s.pred, s.base_pred, s.mask, s.groups)
 
-    def update_fluency(self, texts: list) -> None:
+    def update_fluency(self, texts: Iterable) -> None:
+        """Generated texts (token-id lists or whitespace-split strings) for ROME's fluency."""
         self.metrics["fluency"].update(texts)
 
     def compute(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for name, metric in self.metrics.items():
-            if not metric.update_called:
-                value = float(metric.compute()) if _synced_has_data(metric) else float("nan")
-            else:
+            # Every metric is computed (and synchronised) even without local updates, so that all ranks
+            # run the same collectives; a metric without data anywhere returns NaN and is left out.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method.*")
                 value = float(metric.compute())
             if not math.isnan(value):
                 out[name] = value if name == "fluency" else 100.0 * value
+        self.headline_sources = {}
+        fallbacks = HEADLINE_FALLBACKS.get(self.style, {})
         for head, source in self.headlines.items():
-            if source in out:
-                out[head] = out[source]
-            elif head == "locality" and source == "locality_unchanged" and "neighborhood_unchanged" in out:
-                out[head] = out["neighborhood_unchanged"]
-        heads = [out[h] for h in ("reliability", "generality", "locality") if h in out]
-        if len(heads) == 3:
+            for candidate in (source, *fallbacks.get(head, ())):
+                if candidate in out:
+                    out[head] = out[candidate]
+                    self.headline_sources[head] = candidate
+                    break
+        heads = [out[h] for h in HEADLINE_KEYS if h in out]
+        if len(heads) == len(HEADLINE_KEYS):
             out["score"] = harmonic_mean(heads)
             out["score_mean"] = arithmetic_mean(heads)
         return out
 
     def definitions(self) -> dict[str, str]:
-        """Every reported key's definition, with the headline mapping of this style."""
+        """One line per key; headline keys say which metric they took (after the last compute())."""
         d = dict(DEFINITIONS)
         for head, source in self.headlines.items():
-            d[head] = f"= {source}: {DEFINITIONS[source]}"
+            used = self.headline_sources.get(head, source)
+            note = "" if used == source else f" (fallback: no {source} data)"
+            d[head] = f"= {used}{note}: {DEFINITIONS[used]}"
         return d
 
     def reset(self) -> None:
         for metric in self.metrics.values():
             metric.reset()
-
-
-def _synced_has_data(metric: Metric) -> bool:
-    """Under DDP a rank may have no prompts of a kind while others do: compute() still syncs."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.headline_sources = {}

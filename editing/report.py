@@ -1,101 +1,179 @@
 """Tables and plots from `results.json` files.
 
-    python -m editing.report runs/ft/lightning_logs/version_0 runs/noedit/... --out report.md --plot report.png
+    python -m editing.report runs/ft runs/noedit/lightning_logs/version_0 'runs/*/lightning_logs/*' \\
+        --out report.md --plot report.png [--columns rewrite_acc,locality_acc]
+
+A path may be a results.json file, a run directory (searched recursively for results.json) or a glob.
+This module imports neither torch nor the metrics, so the command starts quickly.
 """
 from __future__ import annotations
 
 import argparse
 import glob
 import json
+import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-HEADLINE = ("reliability", "generality", "locality", "score")
-FIXED = ("method", "model", "data", "num_edits", "edit_batch_size")
+HEADLINE: tuple[str, ...] = ("reliability", "generality", "locality", "score")
+FIXED: tuple[str, ...] = ("method", "model", "data", "num_edits", "edit_batch_size")
+TIMING: tuple[tuple[str, str], ...] = (("edit_s", "edit"), ("eval_s", "evaluate"))
+# Report order of the other metric keys (editing.metrics); unknown keys follow alphabetically.
+_KINDS = ("rewrite", "paraphrase", "neighborhood", "locality")
+ORDER: tuple[str, ...] = ("score_mean",) + tuple(f"{k}_{s}" for s in ("acc", "win", "unchanged") for k in _KINDS) \
+    + ("fluency",)
+MISSING = "–"
 
 
-def load_results(paths) -> list[dict]:
-    """Results from files, run directories (holding results.json, searched recursively) or globs."""
-    out = []
-    for spec in [paths] if isinstance(paths, (str, Path)) else paths:
-        matches = sorted(glob.glob(str(spec))) or [str(spec)]
-        for m in matches:
-            p = Path(m)
-            files = [p] if p.is_file() else sorted(p.rglob("results.json")) if p.is_dir() else []
-            if not files:
-                raise SystemExit(f"no results.json at {m}")
-            for f in files:
-                try:
-                    res = json.loads(f.read_text())
-                except (OSError, json.JSONDecodeError) as e:
-                    raise SystemExit(f"{f}: not a readable results file ({e})")
-                if not isinstance(res, dict) or not isinstance(res.get("metrics"), dict):
-                    raise SystemExit(f"{f}: not a results file (no 'metrics' object)")
-                res.setdefault("_path", str(f))
-                out.append(res)
+def _files_at(spec: str) -> list[Path]:
+    matches = [spec] if Path(spec).exists() else sorted(glob.glob(spec))
+    files: list[Path] = []
+    for m in matches:
+        p = Path(m)
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            files += sorted(p.rglob("results.json"))
+    if not files:
+        raise SystemExit(f"error: no results.json at {spec}")
+    return files
+
+
+def _read(path: Path) -> dict:
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: {path}: not a readable results file ({e})")
+    if not isinstance(res, dict):
+        raise SystemExit(f"error: {path}: not a results file (expected a JSON object, got {type(res).__name__})")
+    if not isinstance(res.get("metrics"), dict):
+        raise SystemExit(f"error: {path}: not a results file (no 'metrics' object)")
+    bad = [k for k, v in res["metrics"].items() if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))]
+    if bad:
+        raise SystemExit(f"error: {path}: non-numeric metric value(s) for {bad}")
+    if res.get("timing") is not None and not isinstance(res["timing"], dict):
+        raise SystemExit(f"error: {path}: 'timing' must be an object of seconds")
+    return res
+
+
+def load_results(paths: str | Path | Iterable[str | Path]) -> list[dict]:
+    """Results from results.json files, run directories (searched recursively) or globs, in the order
+    given (each file once). Each result gets ``_path``, the file it came from. Raises SystemExit naming
+    the path when there is no results.json, or the file when it is not valid results JSON."""
+    specs = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    out, seen = [], set()
+    for spec in specs:
+        for f in _files_at(str(spec)):
+            key = f.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            res = _read(f)
+            res.setdefault("_path", str(f))
+            out.append(res)
     return out
 
 
-def _fmt(v) -> str:
+def _number(v) -> str:
+    """A number with 1 decimal; None, NaN and infinities are missing."""
     if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.1f}"
-    return str(v)
+        return MISSING
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return _cell(v)
+    return f"{v:.1f}" if math.isfinite(v) else MISSING
 
 
-def markdown_table(results: list[dict], columns: list[str] | None = None) -> str:
-    """One row per result: identity, the headline metrics, other metrics, then edit/eval seconds."""
-    if columns is None:
-        extra = sorted({k for r in results for k in r["metrics"]} - set(HEADLINE) - {"score_mean"})
-        columns = list(HEADLINE) + extra
-    header = list(FIXED) + columns + ["edit_s", "eval_s"]
+def _cell(v) -> str:
+    if v is None or isinstance(v, float):
+        return _number(v)
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def default_columns(results: Sequence[dict]) -> list[str]:
+    """The headline metrics, then every other metric present, in report order."""
+    present = {k for r in results for k in r.get("metrics", {})} - set(HEADLINE)
+    known = [k for k in ORDER if k in present]
+    return list(HEADLINE) + known + sorted(present - set(known))
+
+
+def markdown_table(results: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+    """One row per result: method, model, data, num_edits, edit_batch_size, the metric columns
+    (default: `default_columns`), then edit and evaluation seconds. Numbers with 1 decimal; missing "–"."""
+    columns = default_columns(results) if columns is None else list(columns)
+    header = list(FIXED) + columns + [name for name, _ in TIMING]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         timing = r.get("timing") or {}
-        row = [_fmt(r.get(k)) for k in FIXED] + [_fmt(r["metrics"].get(c)) for c in columns]
-        row += [_fmt(timing.get("edit")), _fmt(timing.get("evaluate"))]
+        metrics = r.get("metrics") or {}
+        row = [_cell(r.get(k)) for k in FIXED]
+        row += [_number(metrics.get(c)) for c in columns]
+        row += [_number(timing.get(key)) for _, key in TIMING]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def bar_chart(results: list[dict], path: str | Path, metrics=HEADLINE) -> Path:
-    """Grouped bars: one group per metric, one bar per result."""
-    import matplotlib
+def _labels(results: Sequence[dict]) -> list[str]:
+    """Method, plus num_edits where they differ (and model / data where still needed to tell bars apart)."""
+    def differs(key):
+        return len({str(r.get(key)) for r in results}) > 1
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    extra = [k for k in ("num_edits",) if differs(k)]
+    labels = [" ".join([str(r.get("method"))] + [f"({r.get(k)})" for k in extra]) for r in results]
+    if len(set(labels)) < len(labels):
+        more = [k for k in ("model", "data", "edit_batch_size") if differs(k)]
+        labels = [lab + "".join(f" [{r.get(k)}]" for k in more) for lab, r in zip(labels, results)]
+    return labels
 
-    counts = {r.get("num_edits") for r in results}
-    labels = [f"{r.get('method')}" + (f" ({r.get('num_edits')})" if len(counts) > 1 else "") for r in results]
-    width = 0.8 / max(1, len(results))
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(metrics), 3.6))
+
+def bar_chart(results: Sequence[dict], path: str | Path, metrics: Sequence[str] = HEADLINE) -> Path:
+    """Grouped bar chart PNG: one group per metric, one bar per result (a missing value draws no bar)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not results:
+        raise ValueError("bar_chart: no results")
+    metrics = list(metrics)
+    labels = _labels(results)
+    width = 0.8 / len(results)
+    fig = Figure(figsize=(2.0 + 1.2 * len(metrics) + 0.25 * len(results) * len(metrics), 3.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    top = 0.0
     for i, (r, label) in enumerate(zip(results, labels)):
         xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(metrics))]
-        ax.bar(xs, [r["metrics"].get(m, 0.0) for m in metrics], width, label=label)
+        ys = [r.get("metrics", {}).get(m) for m in metrics]
+        ys = [float("nan") if v is None else float(v) for v in ys]
+        top = max([top] + [v for v in ys if not math.isnan(v)])
+        ax.bar(xs, ys, width, label=label)
     ax.set_xticks(range(len(metrics)), metrics)
-    ax.set_ylim(0, 100)
-    ax.set_ylabel("%")
-    ax.legend(fontsize=8)
-    ax.set_title(", ".join(sorted({str(r.get('model')) for r in results})), fontsize=9)
+    ax.set_ylim(0, 100 if top <= 100 else top * 1.05)
+    ax.set_ylabel("%" if top <= 100 else "value")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    models = sorted({str(r.get("model")) for r in results})
+    data = sorted({str(r.get("data")) for r in results})
+    ax.set_title(", ".join(models) + " — " + ", ".join(data), fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Merge results.json files into a table and a bar chart.")
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m editing.report",
+                                 description="Merge results.json files into a markdown table and a bar chart.")
     ap.add_argument("paths", nargs="+", help="results.json files, run directories or globs")
     ap.add_argument("--out", help="write the markdown table here")
     ap.add_argument("--plot", help="write a bar chart PNG here")
-    ap.add_argument("--columns", help="comma-separated metric columns (default: all)")
+    ap.add_argument("--columns", help="comma-separated metric columns (default: headline, then all others)")
     args = ap.parse_args(argv)
     results = load_results(args.paths)
-    table = markdown_table(results, args.columns.split(",") if args.columns else None)
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    table = markdown_table(results, columns)
     print(table)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(table + "\n")
     if args.plot:
         bar_chart(results, args.plot)

@@ -1,41 +1,95 @@
 """Report: table and chart from results files; clear errors on bad paths."""
 import json
+import re
 
 import pytest
 
-from editing.report import bar_chart, load_results, main, markdown_table
+from editing.report import bar_chart, default_columns, load_results, main, markdown_table
 
 
-def fake(tmp_path, name, method, rel):
+def fake(tmp_path, name, method, rel, num_edits=50, **metrics):
     d = tmp_path / name / "lightning_logs" / "version_0"
     d.mkdir(parents=True)
-    res = {"method": method, "model": "smollm2-135m", "data": "pararel_counterfactual", "num_edits": 50,
+    res = {"method": method, "model": "smollm2-135m", "data": "pararel_counterfactual", "num_edits": num_edits,
            "edit_batch_size": 1, "timing": {"edit": 12.34, "evaluate": 5.0},
-           "metrics": {"reliability": rel, "generality": 40.0, "locality": 90.0, "score": 55.55, "rewrite_acc": 12.0}}
+           "metrics": {"reliability": rel, "generality": 40.0, "locality": 90.0, "score": 55.55, "rewrite_acc": 12.0,
+                       **metrics},
+           "config": {"lr": 0.1}}
     (d / "results.json").write_text(json.dumps(res))
     return d
 
 
 def test_table_and_chart(tmp_path, capsys):
     fake(tmp_path, "ft", "ft", 99.0)
-    fake(tmp_path, "noedit", "noedit", 3.0)
+    fake(tmp_path, "noedit", "noedit", 3.0, locality_unchanged=100, fluency=5.25)
     results = load_results([tmp_path / "ft", str(tmp_path / "noedit" / "*" / "*")])
+    assert [r["method"] for r in results] == ["ft", "noedit"]
     table = markdown_table(results)
     lines = table.splitlines()
-    assert lines[0].startswith("| method | model | data | num_edits | edit_batch_size | reliability")
-    assert "| ft | smollm2-135m | pararel_counterfactual | 50 | 1 | 99.0 | 40.0 | 90.0 | 55.5 | 12.0 | 12.3 | 5.0 |" in table
+    assert lines[0] == ("| method | model | data | num_edits | edit_batch_size | reliability | generality | locality "
+                        "| score | rewrite_acc | locality_unchanged | fluency | edit_s | eval_s |")
+    assert lines[1] == "|" + "---|" * 14
+    assert lines[2] == "| ft | smollm2-135m | pararel_counterfactual | 50 | 1 | 99.0 | 40.0 | 90.0 | 55.5 | 12.0 | – | – | 12.3 | 5.0 |"
+    assert lines[3] == "| noedit | smollm2-135m | pararel_counterfactual | 50 | 1 | 3.0 | 40.0 | 90.0 | 55.5 | 12.0 | 100.0 | 5.2 | 12.3 | 5.0 |"
     assert len(lines) == 4
+    assert markdown_table(results, ["fluency", "nope"]).splitlines()[2].endswith("| – | – | 12.3 | 5.0 |")
     png = bar_chart(results, tmp_path / "out" / "chart.png")
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 1000
-    main([str(tmp_path), "--out", str(tmp_path / "t.md"), "--plot", str(tmp_path / "p.png"), "--columns", "reliability"])
-    assert "reliability" in (tmp_path / "t.md").read_text() and (tmp_path / "p.png").exists()
-    assert "noedit" in capsys.readouterr().out
+
+    main([str(tmp_path), "--out", str(tmp_path / "t.md"), "--plot", str(tmp_path / "p.png"), "--columns", "reliability, fluency"])
+    written = (tmp_path / "t.md").read_text()
+    assert written.splitlines()[0].endswith("| reliability | fluency | edit_s | eval_s |")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    printed = capsys.readouterr().out
+    assert "noedit" in printed and printed.strip() == written.strip()
 
 
-def test_errors_name_the_file(tmp_path):
+def test_same_file_twice_is_loaded_once_and_missing_values(tmp_path):
+    d = fake(tmp_path, "a", "rome", float("nan"))
+    data = json.loads((d / "results.json").read_text())
+    data.pop("timing")
+    data["metrics"]["score"] = None
+    (d / "results.json").write_text(json.dumps(data))
+    results = load_results([d, d / "results.json", str(tmp_path / "*")])
+    assert len(results) == 1 and results[0]["_path"] == str(d / "results.json")
+    row = markdown_table(results).splitlines()[2]
+    assert row == "| rome | smollm2-135m | pararel_counterfactual | 50 | 1 | – | 40.0 | 90.0 | – | 12.0 | – | – |"
+
+
+def test_default_columns_order():
+    results = [{"metrics": {"zeta": 1, "locality_acc": 2, "rewrite_win": 3, "score_mean": 4, "reliability": 5}}]
+    assert default_columns(results) == ["reliability", "generality", "locality", "score", "score_mean",
+                                        "locality_acc", "rewrite_win", "zeta"]
+
+
+def test_chart_labels_with_differing_num_edits(tmp_path):
+    from editing.report import _labels
+    fake(tmp_path, "a", "memit", 90.0, num_edits=10)
+    fake(tmp_path, "b", "memit", 80.0, num_edits=100)
+    results = load_results([tmp_path / "a", tmp_path / "b"])
+    assert _labels(results) == ["memit (10)", "memit (100)"]
+    assert _labels(results[:1]) == ["memit"]
+    png = bar_chart(results, tmp_path / "c.png", metrics=("reliability", "fluency"))
+    assert png.stat().st_size > 1000
+
+
+def test_errors_name_the_file(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no results.json"):
         load_results([tmp_path / "missing"])
-    bad = tmp_path / "results.json"
+    with pytest.raises(SystemExit, match=re.escape(str(tmp_path / "nothing-*"))):
+        load_results([str(tmp_path / "nothing-*")])
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(SystemExit, match="no results.json at .*empty_run"):
+        main([str(tmp_path / "empty_run")])
+    bad = tmp_path / "bad" / "results.json"
+    bad.parent.mkdir()
     bad.write_text("{oops")
-    with pytest.raises(SystemExit, match=str(bad)):
+    with pytest.raises(SystemExit, match=re.escape(str(bad))):
         load_results([bad])
+    with pytest.raises(SystemExit, match=re.escape(str(bad))):
+        main([str(tmp_path / "bad")])
+    for content in ("[1, 2]", json.dumps({"method": "x"}), json.dumps({"metrics": {"reliability": "high"}})):
+        bad.write_text(content)
+        with pytest.raises(SystemExit, match=re.escape(str(bad))):
+            load_results([tmp_path / "bad"])
+    assert capsys.readouterr().out == ""
