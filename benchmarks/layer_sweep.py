@@ -20,6 +20,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=5)
     ap.add_argument("--rome", type=int, nargs="*", default=[])
     ap.add_argument("--stats-samples", type=int, default=None)
+    ap.add_argument("--lam", type=float, default=1000.0, help="MEMIT's lambda (SmolLM2: 1000, see configs/memit.yaml)")
     args = ap.parse_args()
     bench = load_benchmark(kind="counterfactual")
     requests = bench.requests[: args.n]
@@ -28,7 +29,8 @@ def main() -> None:
     runs += [("rome", [l]) for l in args.rome]
     for method, layers in runs:
         cls = MEMIT if method == "memit" else ROME
-        editor = cls(layers=layers, stats_samples=args.stats_samples)
+        extra = {"mom2_update_weight": args.lam} if method == "memit" else {}
+        editor = cls(layers=layers, stats_samples=args.stats_samples, **extra)
         t0 = time.perf_counter()
         if method == "memit":
             editor.edit(requests)
