@@ -314,26 +314,97 @@ def closed_form(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -
 
 
 # --- the editor -------------------------------------------------------------------------------------------
+# --- fusion of an update into the weights (AdaPLE §6.4, usable by every closed-form editor) -------------
+FUSIONS = ("add", "dr", "topk")
+
+
+def fusion_spec(kind: str = "add", drop_rate: float = 0.8, keep: float = 0.2, seed: int = 0) -> dict | None:
+    """How an update Δ is fused into the weights: "add" (vanilla: Δ as is, returns None), "dr"
+    (drop-and-rescale: each entry dropped with probability `drop_rate`, the rest divided by
+    1 − drop_rate, so E[Δ̂] = Δ; the mask is drawn on the CPU from `seed`, the same on every device),
+    "topk" (top-k% retain: only the `keep` share of entries with the largest magnitude is kept)."""
+    if kind not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {kind!r}")
+    if kind == "add" or (kind == "dr" and drop_rate == 0) or (kind == "topk" and keep >= 1):
+        return None
+    if kind == "dr" and not 0 <= drop_rate < 1:
+        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+    if kind == "topk" and not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    return {"kind": kind, "p": float(drop_rate), "keep": float(keep), "seed": int(seed)}
+
+
+def drop_mask(shape, p: float, seed: int) -> torch.Tensor:
+    """The keep-mask of drop-and-rescale: True with probability 1 − p, from a CPU generator."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(tuple(shape), generator=g) >= p
+
+
+def fuse(delta: torch.Tensor, spec: dict | None) -> torch.Tensor:
+    """Δ̂ of a dense Δ under a fusion spec (None: Δ itself)."""
+    if spec is None:
+        return delta
+    if spec["kind"] == "dr":
+        keep = drop_mask(delta.shape, spec["p"], spec["seed"]).to(delta.device)
+        return delta * keep / (1 - spec["p"])
+    k = max(1, int(round(spec["keep"] * delta.numel())))
+    threshold = delta.abs().flatten().kthvalue(delta.numel() - k + 1).values
+    return delta * (delta.abs() >= threshold)
+
+
 class EditHistory(nn.Module):
-    """Every applied step's Δ per layer, as low-rank factors; saved in checkpoints as extra state."""
+    """Every applied step's Δ per layer, saved in checkpoints as extra state. An entry is the low-rank
+    factors (left [d, r], right [d_ff, r]) with Δ = left @ rightᵀ, optionally with a fusion spec as
+    a third element (the dense Δ is then fused, e.g. drop-and-rescale with a stored seed, so the
+    history stays low-rank and exactly reproducible).
+
+    `delta` sums the steps in order in float64; the sum over all but the last step is cached per
+    layer, so appending a step costs one Δ, not one per earlier step. Mutate earlier steps only
+    through `truncate` / `set_extra_state`, which drop the cache."""
 
     def __init__(self):
         super().__init__()
-        self.steps: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []
+        self.steps: list[dict[int, tuple]] = []
+        self._prefix: dict[int, tuple[int, torch.Tensor]] = {}
 
     def get_extra_state(self):
-        return [{str(l): (a.cpu(), b.cpu()) for l, (a, b) in s.items()} for s in self.steps]
+        cpu = lambda e: [cpu(x) for x in e] if isinstance(e, list) else \
+            tuple(x.cpu() if torch.is_tensor(x) else x for x in e)
+        return [{str(l): cpu(e) for l, e in s.items()} for s in self.steps]
 
     def set_extra_state(self, state) -> None:
-        self.steps = [{int(l): (a, b) for l, (a, b) in s.items()} for s in state]
+        self.steps = [{int(l): (e if isinstance(e, list) else tuple(e)) for l, e in s.items()} for s in state]
+        self._prefix = {}
+
+    def truncate(self, n: int) -> None:
+        """Keep the first `n` steps."""
+        del self.steps[n:]
+        self._prefix = {}
+
+    @staticmethod
+    def dense(entry: tuple | list, shape, device) -> torch.Tensor:
+        """The Δ of one entry (or the sum of a list of entries, e.g. sequential ROME with fusion)."""
+        if isinstance(entry, list):
+            return sum(EditHistory.dense(e, shape, device) for e in entry)
+        a, b = entry[0].to(device, torch.float64), entry[1].to(device, torch.float64)
+        d = a @ b.T
+        return fuse(d, entry[2]) if len(entry) > 2 else d
 
     def delta(self, layer: int, shape, device) -> torch.Tensor:
         """ΣΔ of a layer, summed in step order in float64 (deterministic)."""
-        total = torch.zeros(shape, dtype=torch.float64, device=device)
-        for s in self.steps:
-            if layer in s:
-                a, b = s[layer]
-                total += a.to(device, torch.float64) @ b.to(device, torch.float64).T
+        n = len(self.steps) - 1
+        cached = self._prefix.get(layer)
+        if cached is not None and cached[0] <= n and cached[1].device == torch.device(device):
+            start, total = cached[0], cached[1].clone()
+        else:
+            start, total = 0, torch.zeros(shape, dtype=torch.float64, device=device)
+        for i in range(start, max(n, 0)):
+            if layer in self.steps[i]:
+                total += self.dense(self.steps[i][layer], shape, device)
+        if n >= 0:
+            self._prefix[layer] = (n, total.clone())
+            if layer in self.steps[-1]:
+                total += self.dense(self.steps[-1][layer], shape, device)
         return total
 
 
@@ -350,6 +421,10 @@ class LocateEditor(Editor):
         v_steps, v_lr, clamp_norm_factor, v_weight_decay, kl_factor: target optimisation (§2.3).
         v_autocast: run the target optimisation under autocast in this dtype ("bfloat16": about 3x
             faster on CPUs with bf16 units; the targets differ by a few percent); None = exact.
+        fusion: how each layer's Δ enters the weights: "add" (plain), "dr" (AdaPLE's drop-and-rescale,
+            each entry dropped with probability `drop_rate` and the rest scaled by 1/(1 − drop_rate),
+            a fresh seeded mask per step and layer), "topk" (keep the `fusion_keep` share of entries
+            with the largest magnitude). Applied inside the layer loop: later layers see the fused Δ.
     """
 
     method = "locate"
@@ -360,8 +435,10 @@ class LocateEditor(Editor):
                  template_spec: list[list[int]] = [[10, 5]], template_seed: int = 0,
                  key_position: str = "subject_last", v_steps: int = 25, v_lr: float = 0.5,
                  clamp_norm_factor: float = 0.75, v_weight_decay: float = 0.5, kl_factor: float = 0.0625,
-                 v_autocast: str | None = None, **kwargs):
+                 v_autocast: str | None = None, fusion: str = "add", drop_rate: float = 0.8,
+                 fusion_keep: float = 0.2, fusion_seed: int = 0, **kwargs):
         super().__init__(**kwargs)
+        fusion_spec(fusion, drop_rate, fusion_keep, fusion_seed)  # validates
         if not layers:
             raise ValueError("at least one layer must be edited")
         self.layers = sorted({self.layout.layer_index(l) for l in layers})
@@ -401,6 +478,15 @@ class LocateEditor(Editor):
             self.enabled = before
             self.refresh_weights()
 
+    def fused(self, layer: int, factors: tuple[torch.Tensor, torch.Tensor], index: int = 0) -> tuple:
+        """A history entry for this step's Δ = left @ rightᵀ at `layer` under the configured fusion.
+        The drop mask's seed depends on the fusion seed, the step number, the layer and `index` (the
+        request within a sequential step), so every step and layer gets a fresh, reproducible mask."""
+        h = self.hparams
+        seed = (h.fusion_seed * 1_000_003 + len(self.history.steps) * 10_007 + layer * 101 + index) % (2 ** 62)
+        spec = fusion_spec(h.fusion, h.drop_rate, h.fusion_keep, seed)
+        return tuple(factors) if spec is None else (factors[0], factors[1], spec)
+
     def add_step(self, factors: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         for layer in factors:
             self._original(layer)
@@ -411,7 +497,7 @@ class LocateEditor(Editor):
         """Withdraw the last `steps` edit steps; the weights return to their exact previous values."""
         if steps > len(self.history.steps):
             raise ValueError(f"only {len(self.history.steps)} steps to undo")
-        del self.history.steps[len(self.history.steps) - steps:]
+        self.history.truncate(len(self.history.steps) - steps)
         del self.edit_log[max(0, len(self.edit_log) - steps):]
         self.refresh_weights()
 
@@ -419,7 +505,7 @@ class LocateEditor(Editor):
         return len(self.history.steps)
 
     def restore(self, snap) -> None:
-        del self.history.steps[snap:]
+        self.history.truncate(snap)
         self.refresh_weights()
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -432,8 +518,8 @@ class LocateEditor(Editor):
 
     def check_finite(self) -> None:
         for s in self.history.steps[-1:]:
-            for layer, (a, b) in s.items():
-                if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            for layer, e in s.items():
+                if not all(torch.isfinite(x).all() for f in (e if isinstance(e, list) else [e]) for x in f[:2]):
                     raise FloatingPointError(f"non-finite update at layer {layer}")
 
     # --- shared pieces ---------------------------------------------------------------------------

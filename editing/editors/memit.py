@@ -35,7 +35,7 @@ class MEMIT(LocateEditor):
             cur = current_values(self, requests, self.z_part, last)
             R = (z - cur) / self.divisor(len(self.layers) - i)
             residual_norms.append(float(R.norm(dim=-1).mean()))
-            self.history.steps[-1][layer] = closed_form(K, R, C, self.hparams.mom2_update_weight)
+            self.history.steps[-1][layer] = self.fused(layer, closed_form(K, R, C, self.hparams.mom2_update_weight))
             self.refresh_weights()  # later layers see this one's update
         return {"target_loss": float(targets.loss.mean()), "target_steps": targets.steps,
                 "residual_first": residual_norms[0], "residual_last": residual_norms[-1]}

@@ -44,8 +44,12 @@ class ROME(LocateEditor):
             wk = current_values(self, [r], "mlp", layer)[0].double()
             right = (v - wk) / (k @ u)
             step = self.history.steps[-1]
-            a, b = step.get(layer, (right.new_zeros(right.shape[0], 0), u.new_zeros(u.shape[0], 0)))
-            step[layer] = (torch.cat([a, right[:, None]], 1), torch.cat([b, u[:, None]], 1))
+            entry = self.fused(layer, (right[:, None], u[:, None]), index=len(losses))
+            if len(entry) > 2:  # fused: each request's rank-one Δ gets its own mask
+                step[layer] = step.get(layer, []) + [entry]
+            else:               # plain: the step's Δ stays one low-rank factor pair
+                a, b = step.get(layer, (right.new_zeros(right.shape[0], 0), u.new_zeros(u.shape[0], 0)))
+                step[layer] = (torch.cat([a, right[:, None]], 1), torch.cat([b, u[:, None]], 1))
             self.refresh_weights()
             losses.append(float(targets.loss.mean()))
         return {"target_loss": sum(losses) / len(losses)}
