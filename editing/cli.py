@@ -5,6 +5,7 @@ import os
 import warnings
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 
 from editing.data.module import EditDataModule
 from editing.editors.base import Editor
@@ -25,6 +26,24 @@ for pattern in (r".*configure_optimizers.*returned `None`.*", r".*does not have 
                 r".*GPU available but not used.*", r".*`training_step` returned `None`.*",
                 r".*The number of training batches.*", r".*Total length of .* across ranks is zero.*"):
     warnings.filterwarnings("ignore", message=pattern)
+
+
+class EditDDPStrategy(DDPStrategy):
+    """DDP for editors. Closed-form editors (ROME, MEMIT, ...) have no parameter that takes gradients
+    from the trainer (their target deltas live inside the edit step, and ranks share them with an
+    explicit all-gather), and torch's DistributedDataParallel refuses such a module: they run
+    unwrapped, with the process group and the samplers of DDP. Editors with trainable parameters are
+    wrapped as usual (their gradient sync is switched off in `Editor.on_train_start`)."""
+
+    def configure_ddp(self) -> None:
+        if any(p.requires_grad for p in self.model.parameters()):
+            super().configure_ddp()
+
+
+# The CLI's "ddp" names (and their start methods) use EditDDPStrategy.
+for _name, _start in (("ddp", "popen"), ("ddp_spawn", "spawn"), ("ddp_fork", "fork"), ("ddp_notebook", "fork")):
+    StrategyRegistry.register(_name, EditDDPStrategy, description=f"editing DDP, start_method {_start!r}",
+                              start_method=_start, override=True)
 
 
 class EditingCLI(LightningCLI):

@@ -70,3 +70,29 @@ def test_noedit_baseline(tiny_dirs, tmp_path):
     assert res["method"] == "noedit"
     assert res["metrics"]["locality_unchanged"] == 100.0
     assert res["metrics"]["neighborhood_unchanged"] == 100.0
+
+
+def test_memit_ddp_fit_shards_targets_and_matches_one_process(tiny_dirs, tmp_path):
+    """Under DDP each rank optimises a share of the target vectors and all ranks gather them: the edit
+    written by a two-process fit equals the one-process edit (up to float rounding of the batching)."""
+    import torch
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Text number {i} is about the capital of a country and its people." for i in range(40)))
+    common = ["fit", "--config", "configs/memit.yaml", "--model.init_args.base_model", tiny_dirs["llama"],
+              "--model.init_args.layers", "[0, 1]", "--model.init_args.corpus", corpus,
+              "--model.init_args.stats_samples", 40, "--model.init_args.stats_max_length", 32,
+              "--model.init_args.template_spec", "[[3, 2]]", "--model.init_args.v_steps", 8,
+              "--model.init_args.mom2_update_weight", 10.0, "--data.num_edits", 5,
+              "--trainer.accelerator", "cpu"]
+    cli(*common, "--trainer.default_root_dir", tmp_path / "one")
+    cli(*common, "--trainer.default_root_dir", tmp_path / "ddp", "--trainer.strategy", "ddp", "--trainer.devices", 2)
+    [one], [ddp] = (list((tmp_path / n).rglob("edit.ckpt")) for n in ("one", "ddp"))
+    h1 = torch.load(one, weights_only=False)["state_dict"]["history._extra_state"]
+    h2 = torch.load(ddp, weights_only=False)["state_dict"]["history._extra_state"]
+    assert len(h1) == len(h2) == 1 and h1[0].keys() == h2[0].keys() == {"0", "1"}
+    for layer in h1[0]:
+        d1 = h1[0][layer][0].double() @ h1[0][layer][1].double().T
+        d2 = h2[0][layer][0].double() @ h2[0][layer][1].double().T
+        assert d1.norm() > 0
+        assert torch.allclose(d1, d2, rtol=1e-3, atol=1e-4 * float(d1.abs().max())), layer
