@@ -7,7 +7,9 @@ the module returns or takes a tuple) and may return a replacement. On top of tha
 - `capture(...)`: record a module's input or output, whole or at chosen (row, position) entries;
 - `add_at(...)` / `replace_at(...)`: add a vector to, or overwrite, chosen (row, position) entries;
 - `attach(...)`: a persistent hook for edits that live with the model (adaptors, weight deltas),
-  returning a handle whose `remove()` detaches it.
+  returning a handle whose `remove()` detaches it;
+- `MaskTracker(backbone)`: the attention mask of the current forward, for persistent hooks that
+  must ignore padding (e.g. statistics over a sequence's real positions).
 
 Positions are per row: a LongTensor [B] (one position per row) or [B, K]; rows are the batch rows.
 Callers derive positions from the attention mask (see `editing.tokens`), so right and left padding
@@ -163,3 +165,41 @@ def stop_after(module: nn.Module) -> Iterator[None]:
         raise StopForward
     with attached(module, fn, "output"):
         yield
+
+
+class MaskTracker:
+    """The 2-D attention mask of the latest forward of `module` (the backbone), for hooks on modules
+    inside it that must tell real tokens from padding (whose hidden states are not zero). A forward
+    pre-hook records the `attention_mask` argument ([B, past + S], 1 = real token); `positions`
+    answers for the S positions of the current forward, so right padding, left padding and a KV
+    cache (the mask then also covers the past tokens) all work. `remove()` detaches."""
+
+    def __init__(self, module: nn.Module):
+        import inspect
+
+        self.mask: torch.Tensor | None = None
+        signature = inspect.signature(module.forward)
+
+        def pre_hook(mod, args, kwargs):
+            try:
+                given = signature.bind_partial(*args, **kwargs).arguments
+            except TypeError:
+                given = kwargs
+            m = given.get("attention_mask")
+            self.mask = m if torch.is_tensor(m) and m.dim() == 2 else None
+        self._handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def positions(self, batch: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(real [B, S] bool, index [B, S] long) for the last `length` positions of the current
+        forward: whether each is a real token, and its index among its row's real tokens (0 = the
+        row's first token, e.g. a BOS). Without a usable mask every position is real and indexed
+        from 0 (a forward given no mask)."""
+        m = self.mask
+        if m is None or m.shape[0] != batch or m.shape[1] < length:
+            index = torch.arange(length, device=device).expand(batch, length)
+            return torch.ones(batch, length, dtype=torch.bool, device=device), index
+        m = m.to(device) != 0
+        return m[:, -length:], (m.long().cumsum(1) - 1)[:, -length:]
+
+    def remove(self) -> None:
+        self._handle.remove()

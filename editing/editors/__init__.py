@@ -1,9 +1,10 @@
 """Editors: one module per method, all subclasses of `editing.editors.base.Editor`."""
 from editing.editors.base import CheckpointMismatchError, EditError, Editor
+from editing.editors.comeba import COMEBA
 from editing.editors.ft import FT
 from editing.editors.memit import MEMIT
 from editing.editors.noedit import NoEdit
 from editing.editors.pmet import PMET
 from editing.editors.rome import ROME
 
-__all__ = ["Editor", "EditError", "CheckpointMismatchError", "FT", "NoEdit", "ROME", "MEMIT", "PMET"]
+__all__ = ["Editor", "EditError", "CheckpointMismatchError", "FT", "NoEdit", "ROME", "MEMIT", "PMET", "COMEBA"]
