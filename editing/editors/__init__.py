@@ -1,4 +1,5 @@
 """Editors: one module per method, all subclasses of `editing.editors.base.Editor`."""
+from editing.editors.adaple import AdaPLE
 from editing.editors.base import CheckpointMismatchError, EditError, Editor
 from editing.editors.comeba import COMEBA
 from editing.editors.ft import FT
@@ -7,4 +8,4 @@ from editing.editors.noedit import NoEdit
 from editing.editors.pmet import PMET
 from editing.editors.rome import ROME
 
-__all__ = ["Editor", "EditError", "CheckpointMismatchError", "FT", "NoEdit", "ROME", "MEMIT", "PMET", "COMEBA"]
+__all__ = ["AdaPLE", "Editor", "EditError", "CheckpointMismatchError", "FT", "NoEdit", "ROME", "MEMIT", "PMET", "COMEBA"]

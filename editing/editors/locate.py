@@ -303,12 +303,13 @@ def current_values(editor: Editor, requests: list[EditRequest], part: str, layer
 
 
 # --- the closed form (§2.5) -------------------------------------------------------------------------------
-def closed_form(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Δ = R Kᵀ (λC + K Kᵀ)⁻¹ with keys and residuals as rows (K [u, d_ff], R [u, d]), in float64 by a
-    linear solve. Returns the factors (left [d, u], right [d_ff, u]) with Δ = left @ rightᵀ, the
-    minimiser of ‖Δ Kᵀ − Rᵀ‖² + λ tr(Δ C Δᵀ)."""
+def closed_form(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float,
+                key_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Δ = R Kᵀ (λC + w K Kᵀ)⁻¹ with keys and residuals as rows (K [u, d_ff], R [u, d]), in float64 by
+    a linear solve. Returns the factors (left [d, u], right [d_ff, u]) with Δ = left @ rightᵀ, the
+    minimiser of w‖Δ Kᵀ − Rᵀ/w‖² + λ tr(Δ C Δᵀ) (w = `key_weight`: 1 for MEMIT, 2 for AdaPLE)."""
     K64, R64, C64 = K.double(), R.double(), C.double().to(K.device)
-    A = lam * C64 + K64.T @ K64
+    A = lam * C64 + key_weight * (K64.T @ K64)
     right = torch.linalg.solve(A, K64.T)          # (λC + KᵀK)⁻¹ Kᵀ, [d_ff, u]
     return R64.T.contiguous(), right
 

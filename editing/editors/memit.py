@@ -19,6 +19,13 @@ class MEMIT(LocateEditor):
     z_part = "block"
     spread = "even"   # "even": 1/(n-i); "sqrt": 1/sqrt(n-i)
 
+    key_weight = 1.0  # w in (λC + w KKᵀ)
+
+    def layer_residual(self, layer: int, K, r):
+        """The residual R the closed form inserts at `layer` for the spread target residual r
+        (MEMIT: r itself; AdaPLE subtracts what the keys already produce)."""
+        return r
+
     def divisor(self, remaining: int) -> float:
         return float(remaining) if self.spread == "even" else math.sqrt(remaining)
 
@@ -33,9 +40,10 @@ class MEMIT(LocateEditor):
             C = self.covariance(layer)
             K = self.keys(requests, layer)
             cur = current_values(self, requests, self.z_part, last)
-            R = (z - cur) / self.divisor(len(self.layers) - i)
+            R = self.layer_residual(layer, K, (z - cur) / self.divisor(len(self.layers) - i))
             residual_norms.append(float(R.norm(dim=-1).mean()))
-            self.history.steps[-1][layer] = self.fused(layer, closed_form(K, R, C, self.hparams.mom2_update_weight))
+            self.history.steps[-1][layer] = self.fused(
+                layer, closed_form(K, R, C, self.hparams.mom2_update_weight, key_weight=self.key_weight))
             self.refresh_weights()  # later layers see this one's update
         return {"target_loss": float(targets.loss.mean()), "target_steps": targets.steps,
                 "residual_first": residual_norms[0], "residual_last": residual_norms[-1]}
