@@ -25,7 +25,7 @@ REQS = [
 ]
 PROMPTS = ["The capital of France is", "Iron Man is a superhero created by Marvel.", "Apple was",
            "Numbers like 1984, 2001 and 42 appear too."]
-FAST = dict(template_spec=[[3, 2]], v_steps=8, mom2_update_weight=1.0, clamp_norm_factor=50.0,
+FAST = dict(template_spec=[[3, 2]], v_steps=4, mom2_update_weight=1.0, clamp_norm_factor=50.0,
             v_weight_decay=1e-4)
 
 
@@ -270,16 +270,17 @@ def test_dynamic_alpha_rule(tiny_llama):
     ed.edit(REQS[:1])
     assert all(a3 <= b for a3, b in zip(ed.alphas.steps[2], a2))  # never grows
 
-    fixed = make(tiny_llama, alpha_z=3.0, alpha_mode="fixed")
+    fixed = make(tiny_llama, alpha_z=3.0, alpha_mode="fixed", v_steps=1)
     fixed.edit(REQS[:2])
     fixed.edit(REQS[2:])
     assert fixed.alphas.steps == [[3.0, 3.0], [3.0, 3.0]]
-    glob = make(tiny_llama, alpha_z=10.0, alpha_scope="global")
+    glob = make(tiny_llama, alpha_z=10.0, alpha_scope="global", v_steps=1)
     glob.edit(REQS[:2])
     glob.edit(REQS[2:])
-    assert glob.alphas.steps[1] == [pytest.approx(min(expected))] * 2
+    by_layer = _max_z_by_hand(glob, [fill("{}", r)[0] for r in REQS[2:]], 10.0)
+    assert glob.alphas.steps[1] == [pytest.approx(min(by_layer), abs=1e-4)] * 2
     # "skip": no edit prompt can reach α_z = 10 (that needs ≥ 102 positions), so α stays
-    skip = make(tiny_llama, alpha_z=10.0, short_prompts="skip")
+    skip = make(tiny_llama, alpha_z=10.0, short_prompts="skip", v_steps=1)
     skip.edit(REQS[:2])
     info = skip.edit(REQS[2:])
     assert skip.alphas.steps[1] == [10.0, 10.0] and info["short_prompts"] == 2
