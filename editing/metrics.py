@@ -28,6 +28,7 @@ KINDS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood", "locality")
 WIN_KINDS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood")
 UNCHANGED_KINDS: tuple[str, ...] = ("neighborhood", "locality")
 HEADLINE_KEYS: tuple[str, ...] = ("reliability", "generality", "locality")
+WITHDRAWAL_KEYS: tuple[str, ...] = ("retrieve_success", "consistency")
 
 DEFINITIONS: dict[str, str] = {
     "rewrite_acc": "teacher-forced token accuracy of target_new on the edit prompt (zsRE ES of MEMIT/JEEP/iReVa/AdaPLE; EasyEdit/COMEBA-HK reliability)",
@@ -40,6 +41,8 @@ DEFINITIONS: dict[str, str] = {
     "neighborhood_unchanged": "share of teacher-forced argmax tokens on neighbourhood prompts unchanged against the unedited model (EasyEdit/COMEBA-HK style)",
     "locality_unchanged": "share of teacher-forced argmax tokens on the locality prompt unchanged against the unedited model (EasyEdit/COMEBA-HK locality)",
     "fluency": "ROME generation entropy: per text the mean of 2/3·H2 and 4/3·H3 (n-gram entropies in bits), mean over texts; not a percentage",
+    "retrieve_success": "share of edits whose teacher-forced per-token predictions on the edit prompt change when that edit alone is withdrawn (iReVa RS)",
+    "consistency": "share of edits whose teacher-forced per-token predictions on the edit prompt, with that edit alone withdrawn, equal the unedited model's (iReVa Con)",
     "reliability": "headline reliability: rewrite_win (counterfact) or rewrite_acc (zsre)",
     "generality": "headline generality: paraphrase_win (counterfact) or paraphrase_acc (zsre)",
     "locality": "headline locality: neighborhood_win (counterfact) or locality_unchanged, else neighborhood_unchanged (zsre)",
@@ -283,6 +286,7 @@ class EditMetrics(nn.Module):
         m.update({f"{k}_win": ProbabilityWin() for k in WIN_KINDS})
         m.update({f"{k}_unchanged": UnchangedPrediction() for k in UNCHANGED_KINDS})
         m["fluency"] = NgramEntropy()
+        m.update({k: GroupedMean() for k in WITHDRAWAL_KEYS})
         self.metrics = nn.ModuleDict(m)
         # headline key -> the metric it took in the last compute() (after fallbacks)
         self.headline_sources: dict[str, str] = {}
@@ -303,6 +307,13 @@ class EditMetrics(nn.Module):
                 self.metrics[f"{kind}_win"].update(s.target_logprob, s.contrast_logprob, s.groups)
             if kind in UNCHANGED_KINDS and s.base_pred is not None:
                 self.metrics[f"{kind}_unchanged"].update(s.pred, s.base_pred, s.mask, s.groups)
+
+    def update_withdrawal(self, changed: torch.Tensor, consistent: torch.Tensor, groups: torch.Tensor) -> None:
+        """Traceable editors: per withdrawn edit (case index in ``groups``), whether its predictions
+        changed on withdrawal (Retrieve Success) and whether they then equal the unedited model's
+        (Consistency)."""
+        self.metrics["retrieve_success"].update(changed.float(), groups)
+        self.metrics["consistency"].update(consistent.float(), groups)
 
     def update_fluency(self, texts: Iterable) -> None:
         """Generated texts (token-id lists or whitespace-split strings) for ROME's fluency."""

@@ -37,10 +37,13 @@ def _sample(model, tokenizer, prefixes: list[list[int]], length: int, generator:
     texts = []
     for ids in prefixes:
         x = torch.tensor([ids], device=device)
-        for _ in range(length):
-            logits = model(input_ids=x, use_cache=False).logits[0, -1].float()
-            nxt = torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator)
-            x = torch.cat([x, nxt.to(device)[None]], dim=1)
+        step_in, past = x, None
+        for _ in range(length):  # incremental decoding with a KV cache
+            out = model(input_ids=step_in, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = torch.multinomial(torch.softmax(out.logits[0, -1].float(), -1).cpu(), 1, generator=generator)
+            step_in = nxt.to(device)[None]
+            x = torch.cat([x, step_in], dim=1)
         texts.append(tokenizer.decode(x[0], skip_special_tokens=True))
     return texts
 

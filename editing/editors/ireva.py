@@ -1,0 +1,542 @@
+"""iReVa: initialising and retrofitting key-value adaptors for traceable model editing.
+
+(../shared/METHODS.md §3; ../shared/papers/ireva.md.) One layer l's MLP gains a bank of "knowledge
+neurons", one per edited *token*:
+
+    MLP(x) + α · V̂ᵀ g(K̂ᵀ x̂ − b)          at the last prompt position only,
+
+with x̂ the MLP input standardised per token (zero mean, unit unbiased variance, no affine), K̂ [d, n]
+the keys (columns), V̂ [n, d] the values (rows), g the base model's activation (gelu_new for GPT
+models; SiLU for Llama-style models, which the paper does not specify: unverified) and the margin
+b_j = θ‖k̂⁰_j‖² of the official code (a neuron fires roughly when cos(k̂_j, x̂) > θ; the paper's literal
+"x − θ" would fire on everything). At inference only the neuron with the largest activation
+contributes (max-pooling); in training all earlier neurons are summed.
+
+Per-token edits: a target of m tokens becomes m pairs prompt + target[:j] → target[j]
+(`editing.data.samples.per_token_pairs`), each with its own neuron, initialised with the key k̂⁰ =
+x̂ at the pair's last token and the value v̂⁰ = the unembedding row of the target token. The "+L"
+variant (`retrofit=True`) then trains only the new neuron for `steps` AdamW steps with
+L = −log P(y|x) + a·((k̂⁰ − k̂)ᵀx̂)² + b·mean_out max(k̂ᵀ x̂_out − b_j, 0) over out-of-scope inputs
+(2 texts sampled from BOS, 2 from the subject, 6 prompts of other edits).
+
+Where the adaptor acts: inside the editor's own forwards at the positions it scores (one pair per row:
+`eval_mode="pairs"`, the paper's Algorithm 2; or every target-predicting position of one
+teacher-forced row: `eval_mode="sequence"`, which is what incremental decoding gives). In any other
+forward of the wrapped model (e.g. `generate`), at the last position of the input, and at the single
+new position of every incremental decoding step with a KV cache; prompts must then be left-padded
+(`Editor.generate` does that).
+
+Traceability: every neuron records the edit (case id) and target-token index it serves. Withdrawing an
+edit zeroes its neurons' values (official code: a withdrawn neuron that wins max-pooling contributes
+nothing) or removes them (`withdraw_mode="remove"`: the next-best neuron may win).
+"""
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from editing import hooks
+from editing.data.records import EditRequest, EvalCase
+from editing.data.samples import TokenPair, out_of_scope_samples, per_token_pairs
+from editing.editors.base import Editor
+from editing.metrics import arithmetic_mean, harmonic_mean
+from editing.tokens import encode
+
+WITHDRAW_MODES = ("zero", "remove")
+EVAL_MODES = ("pairs", "sequence")
+# Activation families whose name the model config gives (layout.activation) -> the ACT2FN name used.
+_ACTIVATION_ALIASES = {"swish": "silu"}
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Per vector over the last dim: (x − mean) / sqrt(unbiased variance + 1e-8) (official `rmsnorm`)."""
+    x = x.float()
+    return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=True) + 1e-8)
+
+
+@dataclass
+class _Acting:
+    """Where and how the adaptor acts during one of the editor's own forwards."""
+
+    mask: torch.Tensor                         # [B, S] bool: positions that receive the adaptor
+    withdraw: torch.Tensor | None = None       # [B] long: edit index withdrawn for that row (-1: none)
+    train: tuple | None = None                 # (k [R, d], v [R, d], b [R]) neurons being trained, R in {1, B}
+
+
+class IReVa(Editor):
+    """Key-value adaptor at the MLP of one layer, one neuron per edited target token.
+
+    Args:
+        layers: the one adapted layer, as a one-element list (negative counts from the end; the paper
+            uses the second-to-last layer).
+        alpha: scale α of the adaptor output.
+        theta: margin θ: neuron j fires roughly when cos(k̂_j, x̂) > θ (shift b_j = θ‖k̂⁰_j‖²).
+        activation: activation family g (an ACT2FN name); None = the base model's MLP activation.
+        retrofit: train each new neuron ("iReVa+L"); False keeps the initialised neuron ("iReVa").
+        steps, lr, betas, weight_decay: AdamW steps per neuron and its settings (official code).
+        rec_weight: a, the weight of L_rec (ablation: 0).
+        irr_weight: b, the weight of L_irr (ablation: 0).
+        parallel: train all neurons of an edit step in one batch, each sample seeing only its own new
+            neuron and the neurons of earlier steps; False = the exact sequential order of the paper.
+        max_pooling: only the best-matching neuron contributes at inference (ablation: False sums all).
+        margin: shift the activation by b_j (ablation: False = g(K̂ᵀx̂)).
+        initialise: keys/values from the pair's state and the target's unembedding; False = random
+            (the paper's "w/o L_rec" ablation also sets rec_weight 0).
+        withdraw_mode: "zero" (zero the values; official) or "remove" (drop the neurons).
+        eval_mode: "pairs" (one forward per token pair, adaptor at its last position) or "sequence".
+        oos_other, oos_bos, oos_subject: out-of-scope inputs per edit for L_irr (App. 10.7).
+        oos_max_length: sampled texts get 2..oos_max_length new tokens (uniform, seeded).
+        seed: seed of the out-of-scope sampling and of random initialisation.
+    """
+
+    method = "ireva"
+
+    def __init__(self, layers: list[int] = [-2], alpha: float = 0.2, theta: float = 0.75,
+                 activation: str | None = None, retrofit: bool = True, steps: int = 5, lr: float = 5e-2,
+                 betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.01,
+                 rec_weight: float = 1e-3, irr_weight: float = 1e-3, parallel: bool = False,
+                 max_pooling: bool = True, margin: bool = True, initialise: bool = True,
+                 withdraw_mode: str = "zero", eval_mode: str = "pairs", oos_other: int = 6,
+                 oos_bos: int = 2, oos_subject: int = 2, oos_max_length: int = 10, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        if len(layers) != 1:
+            raise ValueError(f"iReVa adapts exactly one layer; got layers={layers}")
+        if withdraw_mode not in WITHDRAW_MODES:
+            raise ValueError(f"withdraw_mode must be one of {WITHDRAW_MODES}, got {withdraw_mode!r}")
+        if eval_mode not in EVAL_MODES:
+            raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
+        if not 0.0 <= theta < 1.0:
+            raise ValueError(f"theta is a cosine threshold in [0, 1), got {theta}")
+        if retrofit and steps < 1:
+            raise ValueError(f"retrofitting needs steps >= 1, got {steps}")
+        if oos_max_length < 2:
+            raise ValueError(f"oos_max_length must be >= 2, got {oos_max_length}")
+        self.layer = self.layout.layer_index(layers[0])
+        name = activation or self.layout.activation
+        name = _ACTIVATION_ALIASES.get(name, name)
+        if name not in ACT2FN:
+            raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACT2FN)}")
+        self.act = ACT2FN[name]
+        d = self.layout.hidden_size
+        self.register_buffer("keys", torch.zeros(d, 0))              # K̂ [d, n]
+        self.register_buffer("values", torch.zeros(0, d))            # V̂ [n, d]
+        self.register_buffer("shifts", torch.zeros(0))               # b [n]
+        self.register_buffer("neuron_edit", torch.zeros(0, dtype=torch.long))   # neuron -> edit index
+        self.register_buffer("neuron_token", torch.zeros(0, dtype=torch.long))  # neuron -> target token
+        self.case_ids: list[str] = []     # edit index -> case id
+        self._seen: list[EditRequest] = []  # requests edited so far (pool of "other prompts" for L_irr)
+        self._acting: _Acting | None = None
+        self._row_withdraw: torch.Tensor | None = None
+        self.hook_handle = None
+        self.attach()
+
+    # --- the adaptor ---------------------------------------------------------------------------
+    @property
+    def num_neurons(self) -> int:
+        return self.keys.shape[1]
+
+    def attach(self) -> None:
+        """(Re)attach the adaptor to the MLP of the adapted layer (`hook_handle.remove()` detaches)."""
+        if self.hook_handle is not None:
+            self.hook_handle.remove()
+        self.hook_handle = hooks.attach_io(self.layout.mlp(self.layer), self._hook)
+
+    def adaptor(self, x_hat: torch.Tensor, withdraw: torch.Tensor | None = None,
+                train: tuple | None = None) -> torch.Tensor:
+        """α · adaptor output [N, d] for standardised inputs x_hat [N, d] (float32).
+
+        `withdraw` [N]: per row, the edit index whose neurons are withdrawn (-1: none). `train`: the
+        neurons being trained, (k, v, b) each with 1 or N rows, added to the bank's output; the bank
+        is then summed (max-pooling is off in training)."""
+        h = self.hparams
+        out = torch.zeros_like(x_hat)
+        pooled = h.max_pooling and train is None
+        if self.num_neurons:
+            act = self.act(x_hat @ self.keys - (self.shifts if h.margin else 0.0))     # [N, n]
+            hit = None
+            if withdraw is not None:
+                hit = self.neuron_edit[None, :] == withdraw[:, None]                    # [N, n]
+            if pooled:
+                if hit is not None and h.withdraw_mode == "remove":
+                    act = act.masked_fill(hit, float("-inf"))
+                a, j = act.max(1)
+                if hit is not None:
+                    gone = ~torch.isfinite(a) | hit.gather(1, j[:, None])[:, 0]
+                    a = a.masked_fill(gone, 0.0)
+                out = a[:, None] * self.values[j]
+            else:
+                if hit is not None:
+                    act = act.masked_fill(hit, 0.0)
+                out = act @ self.values
+        if train is not None:
+            k, v, b = train
+            a = self.act((x_hat * k).sum(-1) - (b if h.margin else 0.0))
+            out = out + a[:, None] * v
+        return h.alpha * out
+
+    def _hook(self, x: torch.Tensor, out: torch.Tensor):
+        if not self.enabled:
+            return None
+        acting = self._acting
+        if self.num_neurons == 0 and (acting is None or acting.train is None):
+            return None
+        B, S = out.shape[:2]
+        if acting is not None:
+            mask = acting.mask.to(out.device)
+        else:  # a forward we do not drive: the last position, or the one new position when decoding
+            mask = torch.zeros(B, S, dtype=torch.bool, device=out.device)
+            mask[:, -1] = True
+        if mask.shape != (B, S):
+            raise ValueError(f"adaptor position mask {tuple(mask.shape)} does not fit the MLP output {(B, S)}")
+        rows, cols = mask.nonzero(as_tuple=True)
+        withdraw = train = None
+        if acting is not None and acting.withdraw is not None:
+            withdraw = acting.withdraw.to(out.device)[rows]
+        if acting is not None and acting.train is not None:
+            train = tuple(t if t.shape[0] == 1 else t[rows] for t in acting.train)
+        delta = self.adaptor(standardize(x[rows, cols]), withdraw, train)
+        return out.index_put((rows, cols), delta.to(out.dtype), accumulate=True)
+
+    @contextmanager
+    def acting(self, mask: torch.Tensor, withdraw: torch.Tensor | None = None,
+               train: tuple | None = None) -> Iterator[None]:
+        """The adaptor acts at `mask` [B, S] (bool) in forwards inside the context."""
+        before = self._acting
+        self._acting = _Acting(mask, withdraw, train)
+        try:
+            yield
+        finally:
+            self._acting = before
+
+    @staticmethod
+    def _one_hot(positions: torch.Tensor, width: int) -> torch.Tensor:
+        mask = torch.zeros(positions.shape[0], width, dtype=torch.bool, device=positions.device)
+        mask[torch.arange(positions.shape[0], device=positions.device), positions] = True
+        return mask
+
+    # --- states of the base model ----------------------------------------------------------------
+    def _states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last: torch.Tensor,
+                block_input: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The MLP input of the adapted layer at `last` [B] (raw, float32) and, if asked, the whole
+        input of its block (for `layout.run_from`). Runs only the blocks up to the adapted one.
+        The adaptor acts at a row's last position only, so these states do not depend on it."""
+        lay = self.layout
+        mods = {"block": lay.block(self.layer)} if block_input else {}
+        with torch.no_grad(), self.disabled(), hooks.capture(mods, "input") as whole, \
+                hooks.capture({"x": lay.mlp(self.layer)}, "input", positions=last) as at, \
+                hooks.stop_after(lay.mlp(self.layer)):
+            try:
+                lay.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            except hooks.StopForward:
+                pass
+        return at["x"].float(), whole.get("block")
+
+    def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        S = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(seqs), S), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), S), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        last = torch.tensor([len(s) - 1 for s in seqs])
+        return ids.to(self.device), mask.to(self.device), last.to(self.device)
+
+    # --- editing ---------------------------------------------------------------------------------
+    def pairs(self, request: EditRequest) -> list[TokenPair]:
+        """The per-token pairs of one request (prompt + target[:j] -> target[j])."""
+        return per_token_pairs(request, self.tokenizer, self.prepare_prompt(request.text))
+
+    def _edit_index(self, case_id: str) -> int:
+        if case_id not in self.case_ids:
+            self.case_ids.append(case_id)
+        return self.case_ids.index(case_id)
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor, b: torch.Tensor, edit: list[int], token: list[int]) -> None:
+        dev = self.keys.device
+        self.keys = torch.cat([self.keys, k.detach().float().t().to(dev)], 1)
+        self.values = torch.cat([self.values, v.detach().float().to(dev)], 0)
+        self.shifts = torch.cat([self.shifts, b.detach().float().to(dev)], 0)
+        self.neuron_edit = torch.cat([self.neuron_edit, torch.tensor(edit, dtype=torch.long, device=dev)])
+        self.neuron_token = torch.cat([self.neuron_token, torch.tensor(token, dtype=torch.long, device=dev)])
+
+    def _initial(self, x_hat: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k̂⁰, v̂⁰, b for standardised inputs [P, d] and target tokens [P]."""
+        if self.hparams.initialise:
+            k = x_hat.clone()
+            v = self.layout.unembedding[labels].detach().float()
+        else:
+            gen = torch.Generator().manual_seed(self.hparams.seed + self.num_neurons)
+            k = standardize(torch.randn(x_hat.shape, generator=gen)).to(x_hat.device)
+            scale = self.layout.unembedding.detach().float().norm(dim=1).mean() / x_hat.shape[1] ** 0.5
+            v = (torch.randn(x_hat.shape, generator=gen) * scale).to(x_hat.device)
+        b = self.hparams.theta * (k * k).sum(-1)
+        return k, v, b
+
+    def apply_edit(self, requests: list[EditRequest]) -> dict:
+        pairs = [p for r in requests for p in self.pairs(r)]
+        ids, mask, last = self._pad([p.input_ids for p in pairs])
+        labels = torch.tensor([p.label for p in pairs], device=self.device)
+        x, h_in = self._states(ids, mask, last, block_input=self.hparams.retrofit)
+        x_hat = standardize(x)
+        k0, v0, b = self._initial(x_hat, labels)
+        edit = [self._edit_index(p.case_id) for p in pairs]
+        token = [p.position for p in pairs]
+        info = {"neurons_added": len(pairs)}
+        if not self.hparams.retrofit:
+            self._append(k0, v0, b, edit, token)
+        else:
+            owner = {r.case_id: i for i, r in enumerate(requests)}
+            oos = self._out_of_scope(requests) if self.hparams.irr_weight > 0 else None
+            pair_oos = None if oos is None else [oos[owner[p.case_id]] for p in pairs]
+            if self.hparams.parallel:
+                k, v, losses = self._retrofit(torch.arange(len(pairs), device=self.device), ids, mask, last,
+                                              h_in, x_hat, labels, k0, v0, b, pair_oos)
+                self._append(k, v, b, edit, token)
+            else:
+                losses = []
+                for i in range(len(pairs)):  # exact order: each neuron sees all earlier ones
+                    rows = torch.tensor([i], device=self.device)
+                    k, v, loss = self._retrofit(rows, ids, mask, last, h_in, x_hat, labels, k0, v0, b, pair_oos)
+                    self._append(k, v, b[rows], edit[i:i + 1], token[i:i + 1])
+                    losses.append(loss)
+                losses = torch.cat(losses)
+            info["loss"] = float(losses.mean())
+        self._seen.extend(requests)
+        return info
+
+    def _retrofit(self, rows, ids, mask, last, h_in, x_hat, labels, k0, v0, b, pair_oos):
+        """Train the new neurons of `rows` together (each row sees only its own new neuron and the
+        bank); return the trained (k, v) and the final per-row loss."""
+        h = self.hparams
+        width = int(last[rows].max()) + 1
+        k = torch.nn.Parameter(k0[rows].clone())
+        v = torch.nn.Parameter(v0[rows].clone())
+        opt = torch.optim.AdamW([k, v], lr=h.lr, betas=tuple(h.betas), weight_decay=h.weight_decay)
+        act_mask = self._one_hot(last[rows], width)
+        xr, k0r, br = x_hat[rows], k0[rows], b[rows]
+        oos = None
+        if pair_oos is not None:
+            oos = torch.stack([pair_oos[i] for i in rows.tolist()])          # [R, n_out, d]
+        per_row = torch.zeros(len(rows), device=self.device)
+        for _ in range(h.steps):
+            opt.zero_grad(set_to_none=True)
+            with self.acting(act_mask, train=(k, v, br)):
+                hidden = self.layout.run_from(self.layer, h_in[rows, :width], mask[rows, :width])
+            logits = self.layout.lm_head(hooks.gather_at(hidden, last[rows])).float()
+            per_row = F.cross_entropy(logits, labels[rows], reduction="none")
+            if h.rec_weight:
+                per_row = per_row + h.rec_weight * ((xr * (k0r - k)).sum(-1)) ** 2
+            if oos is not None:
+                per_row = per_row + h.irr_weight * F.relu(torch.einsum("rod,rd->ro", oos, k) - br[:, None]).mean(1)
+            if not torch.isfinite(per_row).all():
+                raise FloatingPointError(f"non-finite retrofitting loss {per_row.tolist()}")
+            per_row.sum().backward()  # rows are independent: each neuron gets its own loss's gradient
+            opt.step()
+        return k.detach(), v.detach(), per_row.detach()
+
+    def _out_of_scope(self, requests: list[EditRequest]) -> list[torch.Tensor]:
+        """Per request, the standardised MLP inputs [n_out, d] of its out-of-scope texts."""
+        h = self.hparams
+        pool = list(self._seen) + list(requests)
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "requests"):
+            pool = list(dm.requests)
+        texts, owner = [], []
+        for i, r in enumerate(requests):
+            length = random.Random(f"{h.seed}:{r.case_id}:length").randint(2, h.oos_max_length)
+            with self.disabled():
+                t = out_of_scope_samples(r, pool, self.model, self.tokenizer, n_other=h.oos_other,
+                                         n_bos=h.oos_bos, n_subject=h.oos_subject, length=length, seed=h.seed)
+            n_other = len(t) - h.oos_bos - h.oos_subject  # other edits' prompts come first
+            texts += [self.prepare_prompt(x) if j < n_other else x for j, x in enumerate(t)]
+            owner += [i] * len(t)
+        batch = encode(self.tokenizer, texts).to(self.device)
+        x, _ = self._states(batch.input_ids, batch.attention_mask, batch.prompt_last)
+        x = standardize(x)
+        owner_t = torch.tensor(owner, device=self.device)
+        return [x[owner_t == i] for i in range(len(requests))]
+
+    # --- state: snapshot, checkpoints ---------------------------------------------------------------
+    _BANK = ("keys", "values", "shifts", "neuron_edit", "neuron_token")
+
+    def snapshot(self):
+        return {"bank": {n: getattr(self, n).clone() for n in self._BANK}, "case_ids": list(self.case_ids),
+                "seen": len(self._seen)}
+
+    def restore(self, snap) -> None:
+        for n, t in snap["bank"].items():
+            setattr(self, n, t.clone())
+        self.case_ids = list(snap["case_ids"])
+        del self._seen[snap["seen"]:]
+
+    def edit_meta(self) -> dict:
+        return {"num_neurons": self.num_neurons, "case_ids": list(self.case_ids), "layer": self.layer}
+
+    def load_edit_meta(self, meta: dict) -> None:
+        if "num_neurons" not in meta:
+            raise RuntimeError("this checkpoint holds no iReVa adaptor")
+        if meta.get("layer", self.layer) != self.layer:
+            raise RuntimeError(f"this adaptor was made at layer {meta['layer']}, this editor adapts layer {self.layer}")
+        n, d, dev = int(meta["num_neurons"]), self.layout.hidden_size, self.keys.device
+        self.keys, self.values = torch.zeros(d, n, device=dev), torch.zeros(n, d, device=dev)
+        self.shifts = torch.zeros(n, device=dev)
+        self.neuron_edit = torch.zeros(n, dtype=torch.long, device=dev)
+        self.neuron_token = torch.zeros(n, dtype=torch.long, device=dev)
+        self.case_ids = list(meta["case_ids"])
+
+    # --- traceability ----------------------------------------------------------------------------
+    def neurons_of(self, case_id: str) -> torch.Tensor:
+        """Indices of the neurons that serve the edit `case_id` (empty if it was never edited)."""
+        if case_id not in self.case_ids:
+            return torch.zeros(0, dtype=torch.long, device=self.keys.device)
+        return (self.neuron_edit == self.case_ids.index(case_id)).nonzero().squeeze(1)
+
+    def withdraw(self, case_ids: list[str] | str, mode: str | None = None) -> int:
+        """Withdraw edits for good: zero their neurons' values ("zero") or remove the neurons
+        ("remove"); returns the number of neurons affected. Unknown case ids are an error."""
+        case_ids = [case_ids] if isinstance(case_ids, str) else list(case_ids)
+        mode = mode or self.hparams.withdraw_mode
+        if mode not in WITHDRAW_MODES:
+            raise ValueError(f"withdraw mode must be one of {WITHDRAW_MODES}, got {mode!r}")
+        unknown = [c for c in case_ids if c not in self.case_ids]
+        if unknown:
+            raise KeyError(f"no edit with case id(s) {unknown}")
+        idx = torch.tensor([self.case_ids.index(c) for c in case_ids], device=self.keys.device)
+        hit = torch.isin(self.neuron_edit, idx)
+        if mode == "zero":
+            self.values = self.values.masked_fill(hit[:, None], 0.0)
+        else:
+            keep = ~hit
+            self.keys, self.values, self.shifts = self.keys[:, keep], self.values[keep], self.shifts[keep]
+            self.neuron_edit, self.neuron_token = self.neuron_edit[keep], self.neuron_token[keep]
+        return int(hit.sum())
+
+    @contextmanager
+    def withdrawn(self, case_ids: list[str] | str, mode: str | None = None) -> Iterator[None]:
+        """Edits withdrawn for the duration, restored exactly afterwards."""
+        snap = self.snapshot()
+        try:
+            self.withdraw(case_ids, mode)
+            yield
+        finally:
+            self.restore(snap)
+
+    @contextmanager
+    def _withdrawing_rows(self, withdraw: torch.Tensor | None) -> Iterator[None]:
+        before = self._row_withdraw
+        self._row_withdraw = withdraw
+        try:
+            yield
+        finally:
+            self._row_withdraw = before
+
+    # --- scoring -----------------------------------------------------------------------------------
+    def logits_at(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  positions: torch.Tensor) -> torch.Tensor:
+        """Logits [B, K, V] at positions [B, K] with the adaptor acting at the scored positions:
+        "pairs": each position in its own forward (the pair prompt + target[:k], adaptor at its last
+        token); the blocks below the adapted layer run once per row. "sequence": all positions in one
+        forward, as in incremental decoding."""
+        if not self.enabled or self.num_neurons == 0:
+            return super().logits_at(input_ids, attention_mask, positions)
+        lay = self.layout
+        B, K = positions.shape
+        # Padded target entries repeat position 0 of their row's target positions; skip them.
+        valid = torch.ones_like(positions, dtype=torch.bool)
+        valid[:, 1:] = positions[:, 1:] > positions[:, :1]
+        withdraw = self._row_withdraw
+        if self.hparams.eval_mode == "sequence":
+            mask = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+            r, c = valid.nonzero(as_tuple=True)
+            mask[r, positions[r, c]] = True
+            with self.acting(mask, withdraw):
+                hidden = lay.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+            return lay.lm_head(hooks.gather_at(hidden, positions))
+        width = int(positions.max()) + 1
+        ids, am = input_ids[:, :width], attention_mask[:, :width]
+        _, h_in = self._states(ids, am, positions[:, 0], block_input=True)
+        r, c = valid.nonzero(as_tuple=True)
+        pos = positions[r, c]
+        logits = None
+        chunk = max(1, self.hparams.forward_batch_size)
+        for s in range(0, len(r), chunk):
+            rr, pp = r[s:s + chunk], pos[s:s + chunk]
+            w = int(pp.max()) + 1
+            wd = None if withdraw is None else withdraw.to(rr.device)[rr]
+            with self.acting(self._one_hot(pp, w), wd):
+                hidden = lay.run_from(self.layer, h_in[rr, :w], am[rr, :w])
+            part = lay.lm_head(hooks.gather_at(hidden, pp))
+            if logits is None:
+                logits = part.new_zeros(B, K, part.shape[-1])
+            logits[rr, c[s:s + chunk]] = part
+        return logits
+
+    @torch.no_grad()
+    def _predictions(self, prompts: list[str], targets: list[str],
+                     withdraw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced argmax ids [B, T] at the target positions and the target mask."""
+        with self._withdrawing_rows(withdraw):
+            lp, batch = self.target_logprobs(prompts, targets)
+        return lp.argmax(-1).cpu(), batch.target_mask.cpu()
+
+    @torch.no_grad()
+    def withdrawal_outcomes(self, requests: list[EditRequest]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For each edited request (others are skipped): whether the per-token predictions on its edit
+        prompt change when that edit alone is withdrawn (RS), and whether they then equal the unedited
+        model's (Con). Returns (changed [N] bool, consistent [N] bool, index into `requests` [N])."""
+        keep = [i for i, r in enumerate(requests) if r.case_id in self.case_ids]
+        if not keep:
+            empty = torch.zeros(0, dtype=torch.bool)
+            return empty, empty, torch.zeros(0, dtype=torch.long)
+        prompts = [requests[i].text for i in keep]
+        targets = [requests[i].target_new for i in keep]
+        edited, m = self._predictions(prompts, targets)
+        gone = torch.tensor([self.case_ids.index(requests[i].case_id) for i in keep], device=self.device)
+        withdrawn, _ = self._predictions(prompts, targets, gone)
+        with self.disabled():
+            base, _ = self._predictions(prompts, targets)
+        changed = ((edited != withdrawn) & m).any(1)
+        consistent = ((base == withdrawn) | ~m).all(1)
+        return changed, consistent, torch.tensor(keep)
+
+    def withdrawal_scores(self, requests: list[EditRequest]) -> dict:
+        """Retrieve Success and Consistency (percentages) over the edited requests."""
+        changed, consistent, _ = self.withdrawal_outcomes(requests)
+        if changed.numel() == 0:
+            return {}
+        return {"retrieve_success": 100.0 * changed.float().mean().item(),
+                "consistency": 100.0 * consistent.float().mean().item()}
+
+    def update_metrics(self, cases: list[EvalCase]) -> None:
+        super().update_metrics(cases)
+        changed, consistent, keep = self.withdrawal_outcomes([c.request for c in cases])
+        if changed.numel():
+            groups = torch.tensor([cases[i].index for i in keep.tolist()])
+            self.metrics.update_withdrawal(changed, consistent, groups)
+
+    def evaluate(self, cases, style: str = "counterfact") -> dict:
+        values = super().evaluate(cases, style)
+        return {**values, **ireva_scores(values)}
+
+    def results(self, values: dict, eval_seconds: float) -> dict:
+        report = super().results(values, eval_seconds)
+        report["ireva"] = {**ireva_scores(values), "neurons": self.num_neurons, "layer": self.layer}
+        return report
+
+
+def ireva_scores(values: dict) -> dict:
+    """The paper's ES / PS / NS (teacher-forced token accuracies on the edit prompts, paraphrases and
+    the locality prompts' own answers) and their harmonic (v2) and arithmetic (draft, code) means."""
+    keys = {"ES": "rewrite_acc", "PS": "paraphrase_acc", "NS": "locality_acc"}
+    out = {k: values[v] for k, v in keys.items() if v in values}
+    if len(out) == 3:
+        out["score_harmonic"] = harmonic_mean(out.values())
+        out["score_mean"] = arithmetic_mean([out["ES"], out["PS"], out["NS"]])
+    return out
