@@ -121,6 +121,30 @@ def compute_keys(editor: Editor, requests: list[EditRequest], layer: int, groups
 
 
 # --- target values (§2.3) -------------------------------------------------------------------------------
+POSITIONS = ("subject_last", "prompt_last")
+
+
+@dataclass(frozen=True)
+class DeltaSite:
+    """One delta of a joint optimisation (JEEP, §4.2): added to the output of `part` ("block", "mlp",
+    "attn_out") of `layer` at the subject's last token or at the prompt's last token (the prediction
+    position, without the appended target) of every row. `clamp` / `weight_decay`: this delta's
+    clamp factor and weight decay (None: the config's)."""
+
+    name: str
+    part: str
+    layer: int
+    position: str = "subject_last"
+    clamp: float | None = None
+    weight_decay: float | None = None
+
+    def __post_init__(self):
+        if self.part not in ("block", "mlp", "attn_out"):
+            raise ValueError(f"delta site part must be block, mlp or attn_out, got {self.part!r}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"delta site position must be one of {POSITIONS}, got {self.position!r}")
+
+
 @dataclass
 class TargetConfig:
     """Where the delta is injected and how it is optimised.
@@ -143,12 +167,31 @@ class TargetConfig:
     kl_prompt: str = "{} is a"
     autocast: str | None = None  # e.g. "bfloat16": the forward/backward under autocast (~3x faster on CPU)
     chunk_rows: int = 32         # rows per forward/backward (sorted by length, gradients accumulated)
+    # Optional, for joint optimisations (JEEP): several deltas at different layers and positions,
+    # optimised together (one Adam, one loss); None = one delta per part of `parts` at `layer` at the
+    # subject's last token. Targets are then keyed by site name.
+    sites: tuple[DeltaSite, ...] | None = None
+    # Optional: stop a request when the mean target probability over its rows, exp(-NLL) per row,
+    # reaches this (the JEEP code's `min_loss` rule) instead of when its loss < `early_stop_loss`.
+    early_stop_prob: float | None = None
+
+    def delta_sites(self) -> tuple[DeltaSite, ...]:
+        if self.sites is None:
+            return tuple(DeltaSite(p, p, self.layer) for p in self.parts)
+        if not self.sites or len({s.name for s in self.sites}) != len(self.sites):
+            raise ValueError("delta sites must be a non-empty list with distinct names")
+        return tuple(self.sites)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The keys of the computed targets: the parts, or the site names."""
+        return tuple(s.name for s in self.delta_sites())
 
 
 @dataclass
 class Targets:
-    z: dict[str, torch.Tensor]       # part -> [u, d]: init + delta
-    init: dict[str, torch.Tensor]    # part -> [u, d]: the clean value at the bare prompt's subject token
+    z: dict[str, torch.Tensor]       # part (or site name) -> [u, d]: init + delta
+    init: dict[str, torch.Tensor]    # part (or site name) -> [u, d]: the clean value at the bare prompt's subject token (site position)
     loss: torch.Tensor               # [u] final loss per request
     steps: int = 0
     info: dict = field(default_factory=dict)
@@ -170,7 +213,9 @@ def compute_targets(editor: Editor, requests: list[EditRequest], cfg: TargetConf
     `truncated=False` runs the whole model and projects every position to the vocabulary, as the
     official code does (the reference path of tests and benchmarks)."""
     lay = editor.layout
-    L = lay.layer_index(cfg.layer)
+    sites = cfg.delta_sites()
+    L = min(lay.layer_index(s.layer) for s in sites)      # the truncated forward starts here
+    top = max(lay.layer_index(s.layer) for s in sites)
     u = len(requests)
     if templates[0] != "{}":
         raise ValueError("the first template must be the bare '{}' (its row defines the initial value)")
@@ -193,6 +238,7 @@ def compute_targets(editor: Editor, requests: list[EditRequest], cfg: TargetConf
     device = batch.input_ids.device
     owner_t = torch.tensor(owner, device=device)
     sl = batch.subject_last
+    at = {s.name: sl if s.position == "subject_last" else batch.prompt_last for s in sites}
     bare_rows = torch.arange(u, device=device) * len(templates)
     # Score at the target positions (rewrite rows) and at the subject's last token (KL rows).
     positions = batch.target_positions.clone()
@@ -200,17 +246,21 @@ def compute_targets(editor: Editor, requests: list[EditRequest], cfg: TargetConf
     positions[n_rw:, 0] = sl[n_rw:]
     score_mask[n_rw:, 0] = True
 
+    modules = {s.name: _part_module(editor, s.part, s.layer) for s in sites}
+    by_pos = {pos: {s.name: modules[s.name] for s in sites if s.position == pos} for pos in POSITIONS}
     with torch.no_grad(), hooks.capture({"h": lay.block(L)}, "input") as cap, \
-            hooks.capture({p: _part_module(editor, p, L) for p in cfg.parts}, "output", positions=sl) as init_cap, \
-            hooks.stop_after(lay.block(L)):  # registered last: runs after the captures
+            hooks.capture(by_pos["subject_last"], "output", positions=sl) as init_cap, \
+            hooks.capture(by_pos["prompt_last"], "output", positions=batch.prompt_last) as init_pl, \
+            hooks.stop_after(lay.block(top)):  # registered last: runs after the captures
         try:
             lay.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         except hooks.StopForward:
             pass
     h_in = cap["h"]
-    init = {p: init_cap[p][bare_rows].float() for p in cfg.parts}
+    init_cap.update(init_pl)
+    init = {s.name: init_cap[s.name][bare_rows].float() for s in sites}
     d = h_in.shape[-1]
-    delta = torch.zeros(u, len(cfg.parts), d, device=device, requires_grad=True)
+    delta = torch.zeros(u, len(sites), d, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     active = torch.ones(u, dtype=torch.bool, device=device)
     init_kl_logp = None
@@ -226,11 +276,12 @@ def compute_targets(editor: Editor, requests: list[EditRequest], cfg: TargetConf
         opt.zero_grad(set_to_none=True)
         nll = torch.zeros(u, device=device)
         kl = torch.zeros(u, device=device)
+        prob = torch.zeros(u, device=device)  # mean over rows of exp(-mean token NLL)
         for chunk in rows.split(cfg.chunk_rows):
             own, rw = owner_t[chunk], is_rewrite[chunk]
             width = int(lengths[chunk].max())
             mask = batch.attention_mask[chunk, :width]
-            ctx = [hooks.add_at(_part_module(editor, p, L), sl[chunk], delta[own, j]) for j, p in enumerate(cfg.parts)]
+            ctx = [hooks.add_at(modules[s.name], at[s.name][chunk], delta[own, j]) for j, s in enumerate(sites)]
             if cfg.autocast is not None:
                 ctx.append(torch.autocast(device.type, dtype=getattr(torch, cfg.autocast)))
             with _all(ctx):
@@ -244,7 +295,9 @@ def compute_targets(editor: Editor, requests: list[EditRequest], cfg: TargetConf
             logp = F.log_softmax(logits, -1)
             t_ids, t_mask = batch.target_ids[chunk][rw], batch.target_mask[chunk][rw]
             tok = logp[rw].gather(-1, t_ids[..., None]).squeeze(-1) * t_mask
-            nll_c = torch.zeros(u, device=device).index_add_(0, own[rw], -tok.sum(1) / t_mask.sum(1)) / len(templates)
+            row_nll = -tok.sum(1) / t_mask.sum(1)
+            nll_c = torch.zeros(u, device=device).index_add_(0, own[rw], row_nll) / len(templates)
+            prob.index_add_(0, own[rw], (-row_nll.detach()).exp() / len(templates))
             kl_own, kl_logp = own[~rw], logp[~rw, 0]
             if step == 0:  # every request is active: record the unedited distribution
                 if init_kl_logp is None:
@@ -255,25 +308,32 @@ def compute_targets(editor: Editor, requests: list[EditRequest], cfg: TargetConf
             ((cfg.nll_factor * nll_c + cfg.kl_factor * kl_c) * active).sum().backward()
             nll += nll_c.detach()
             kl += kl_c.detach()
-        wd = sum(delta[:, j].norm(dim=-1) / init[p].norm(dim=-1) ** 2 for j, p in enumerate(cfg.parts))
-        (cfg.weight_decay * wd * active).sum().backward()
-        new_loss = cfg.nll_factor * nll + cfg.kl_factor * kl + cfg.weight_decay * wd.detach()
+        terms = [delta[:, j].norm(dim=-1) / init[s.name].norm(dim=-1) ** 2 for j, s in enumerate(sites)]
+        if all(s.weight_decay is None for s in sites):
+            wd = cfg.weight_decay * sum(terms)
+        else:  # a weight decay per site
+            wd = sum((cfg.weight_decay if s.weight_decay is None else s.weight_decay) * t for s, t in zip(sites, terms))
+        (wd * active).sum().backward()
+        new_loss = cfg.nll_factor * nll + cfg.kl_factor * kl + wd.detach()
         loss_r = torch.where(active, new_loss, loss_r)
         if not torch.isfinite(loss_r).all():
             raise FloatingPointError(f"non-finite target loss {loss_r.tolist()}")
-        active &= loss_r >= cfg.early_stop_loss
+        if cfg.early_stop_prob is None:
+            active &= loss_r >= cfg.early_stop_loss
+        else:
+            active &= prob < cfg.early_stop_prob
         if not active.any() or step == cfg.steps - 1:
             break
         frozen = delta.detach()[~active].clone()
         opt.step()
         with torch.no_grad():
             delta[~active] = frozen
-            for j, p in enumerate(cfg.parts):  # project onto the ball ‖δ‖ ≤ clamp·‖init‖
-                limit = cfg.clamp * init[p].norm(dim=-1)
+            for j, s in enumerate(sites):  # project onto the ball ‖δ‖ ≤ clamp·‖init‖
+                limit = (cfg.clamp if s.clamp is None else s.clamp) * init[s.name].norm(dim=-1)
                 norm = delta[:, j].norm(dim=-1)
                 scale = torch.where(norm > limit, limit / norm.clamp(min=1e-12), torch.ones_like(norm))
                 delta[:, j] *= scale[:, None]
-    z = {p: init[p] + delta.detach()[:, j] for j, p in enumerate(cfg.parts)}
+    z = {s.name: init[s.name] + delta.detach()[:, j] for j, s in enumerate(sites)}
     return Targets(z=z, init=init, loss=loss_r.detach(), steps=step + 1)
 
 
@@ -288,12 +348,17 @@ def _all(contexts) -> Iterator[None]:
 
 
 @torch.no_grad()
-def current_values(editor: Editor, requests: list[EditRequest], part: str, layer: int) -> torch.Tensor:
-    """The output of `part` at `layer` at the subject's last token of each bare prompt [u, d]."""
+def current_values(editor: Editor, requests: list[EditRequest], part: str, layer: int,
+                   position: str = "subject_last") -> torch.Tensor:
+    """The output of `part` at `layer` at the subject's last token (or the prompt's last token) of
+    each bare prompt [u, d]."""
+    if position not in POSITIONS:
+        raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
     lay = editor.layout
     texts, spans = zip(*(fill("{}", r) for r in requests))
     batch = encode(editor.tokenizer, list(texts), spans=list(spans)).to(editor.device)
-    with hooks.capture({"v": _part_module(editor, part, layer)}, "output", positions=batch.subject_last) as cap, \
+    pos = batch.subject_last if position == "subject_last" else batch.prompt_last
+    with hooks.capture({"v": _part_module(editor, part, layer)}, "output", positions=pos) as cap, \
             hooks.stop_after(lay.block(layer)):
         try:
             lay.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
@@ -545,10 +610,11 @@ class LocateEditor(Editor):
                             clamp=h.clamp_norm_factor, weight_decay=h.v_weight_decay, kl_factor=h.kl_factor,
                             autocast=h.v_autocast)
 
-    def targets(self, requests: list[EditRequest], templates: list[str]) -> Targets:
-        """`compute_targets`, shared across ranks under DDP: rank r optimises requests r, r+W, ...
-        and every rank gathers all targets, so all ranks apply the same update."""
-        cfg = self.target_config()
+    def targets(self, requests: list[EditRequest], templates: list[str], cfg: TargetConfig | None = None) -> Targets:
+        """`compute_targets` (with `cfg`, default `target_config()`), shared across ranks under DDP:
+        rank r optimises requests r, r+W, ... and every rank gathers all targets, so all ranks apply
+        the same update."""
+        cfg = self.target_config() if cfg is None else cfg
         dist = torch.distributed
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return compute_targets(self, requests, cfg, templates)
@@ -562,7 +628,7 @@ class LocateEditor(Editor):
         dist.all_gather_object(gathered, payload)
         order = [(i % world, i // world) for i in range(len(requests))]
         pick = lambda which, p: torch.stack([gathered[r][which][p][j] for r, j in order]).to(self.device)
-        parts = cfg.parts
+        parts = cfg.names
         return Targets(z={p: pick(0, p) for p in parts}, init={p: pick(1, p) for p in parts},
                        loss=torch.stack([gathered[r][2][j] for r, j in order]).to(self.device),
                        steps=max(g[3] for g in gathered if g is not None))
