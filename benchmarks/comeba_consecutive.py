@@ -47,8 +47,12 @@ def make_editor(method: str, args):
         return COMEBA(**locate, hook=False)
     if method == "comeba_hk_memit_update":
         return COMEBA(**locate, update_rule="memit", alpha_z=args.alpha_z)
-    if method == "comeba_hk_fixed":
-        return COMEBA(**locate, alpha_mode="fixed", alpha_z=args.alpha_z)
+    if method == "comeba_hk_fixed":   # the paper's fixed-α ablation uses α = 3
+        return COMEBA(**locate, alpha_mode="fixed", alpha_z=3.0)
+    if method == "comeba_hk_skip":
+        return COMEBA(**locate, alpha_z=args.alpha_z, short_prompts="skip")
+    if method.startswith("comeba_hk_last"):  # comeba_hk_last1, comeba_hk_last3
+        return COMEBA(**locate, alpha_z=args.alpha_z, last_layers=int(method[len("comeba_hk_last"):]))
     if method == "memit":
         return MEMIT(**locate)
     if method == "ft":
@@ -136,8 +140,15 @@ def main() -> None:
     ap.add_argument("--templates", type=int, nargs=2, default=[10, 5], metavar=("LENGTH", "COUNT"),
                     help="generated context templates (MEMIT: 10 tokens x 5)")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 runs best beside other jobs)")
+    ap.add_argument("--merge", nargs="*", default=None, metavar="JSON",
+                    help="only merge the reports of runs of this script (methods split across processes)")
     ap.add_argument("--out", default="benchmarks/results/comeba_consecutive")
     args = ap.parse_args()
+    if args.merge:
+        return write_outputs(merge([json.loads(Path(p).read_text()) for p in args.merge]), Path(args.out))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     bench = load_benchmark(kind="counterfactual")
     requests = bench.requests[: args.n]
@@ -168,6 +179,20 @@ def main() -> None:
         del ed
         out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     write_outputs(report, out)
+
+
+def merge(reports: list[dict]) -> dict:
+    """One report from several runs with the same settings (different methods)."""
+    keys = ("n", "batch", "eval_every", "lam", "v_steps", "templates", "layers", "stats_samples")
+    first = reports[0]
+    for r in reports[1:]:
+        if any(r["args"][k] != first["args"][k] for k in keys):
+            raise ValueError("the runs to merge differ in their settings")
+    out = {"args": first["args"], "curves": {}, "edit_seconds": {}}
+    for r in reports:
+        for part in ("curves", "edit_seconds", "zscores", "overhead"):
+            out.setdefault(part, {}).update(r.get(part, {}))
+    return out
 
 
 def write_outputs(report: dict, out: Path) -> None:
