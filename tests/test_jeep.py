@@ -8,20 +8,9 @@ import torch
 from editing.data.records import EditRequest
 from editing.editors import JEEP, MEMIT, EditError
 from editing.editors.locate import DeltaSite, TargetConfig, compute_targets, current_values
+from tests.test_locate import REQS, with_stats
 
-REQS = [
-    EditRequest("0", "The capital of {} is", "France", "Tamil", "Paris"),
-    EditRequest("1", "{} speaks", "Danielle Darrieux", "Logic Man", "French"),
-    EditRequest("2", "{} works in the field of", "Alan Turing", "guitar"),
-]
 FAST = dict(template_spec=[[3, 2]], v_steps=8, v_lr=0.5)
-
-
-def with_stats(editor, scale=1e-3):
-    """Identity-like statistics instead of a corpus pass (tests of the math, not of stats.py)."""
-    for l in editor.layers:
-        editor._stats[l] = torch.eye(editor.layout.mlp_key_size(l)) * scale
-    return editor
 
 
 def params(ed):
