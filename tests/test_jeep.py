@@ -5,7 +5,6 @@ and failed steps are exact."""
 import pytest
 import torch
 
-from editing.data.records import EditRequest
 from editing.editors import JEEP, MEMIT, EditError
 from editing.editors.locate import DeltaSite, TargetConfig, compute_targets, current_values
 from tests.test_locate import REQS, with_stats
