@@ -1,5 +1,7 @@
 """EditDataModule: selection, edit steps, evaluation cases, rank sharding; per-token pairs and
 out-of-scope samples."""
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -30,6 +32,23 @@ def test_selection_is_seeded():
     assert [r.case_id for r in a] == [r.case_id for r in b] != [r.case_id for r in c]
     first = EditDataModule(num_edits=5).requests
     assert [r.case_id for r in first] == [r.case_id for r in EditDataModule(num_edits=-1).requests[:5]]
+
+
+def test_prompt_suffix_reaches_every_scored_prompt(tmp_path):
+    rec = {"subject": "Arlon", "src": "What country is Arlon the capital of?", "alt": "France",
+           "answers": ["Belgium"], "rephrase": "Arlon is the capital of which country?",
+           "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare"}
+    path = tmp_path / "zsre.json"
+    path.write_text(json.dumps([rec, {**rec, "subject": "Paris", "src": "What country is Paris the capital of?"}]))
+    plain = EditDataModule(path=str(path), num_edits=2)
+    dm = EditDataModule(path=str(path), num_edits=2, prompt_suffix=" Answer:")
+    for a, b in zip(plain.requests, dm.requests):
+        assert b.prompt == a.prompt + " Answer:" and b.text == a.text + " Answer:"
+        assert b.paraphrase_prompts == [p + " Answer:" for p in a.paraphrase_prompts]
+        assert b.locality_prompt == a.locality_prompt + " Answer:"
+        assert (b.subject, b.target_new, b.target_true) == (a.subject, a.target_new, a.target_true)
+    case = dm.eval_cases()[0]
+    assert len(case.prompts) == 3 and all(p.prompt.endswith(" Answer:") for p in case.prompts)
 
 
 def test_bad_arguments():

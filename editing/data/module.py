@@ -74,11 +74,13 @@ class EditDataModule(pl.LightningDataModule):
         edit_batch_size: requests per edit step: 1 = sequential editing, N = consecutive batches of N
             without rollback, -1 = all requests in one step.
         eval_batch_size: evaluation cases per test batch.
+        prompt_suffix: appended to every edit, paraphrase, neighbourhood and locality prompt, e.g.
+            iReVa's zsRE trigger " Answer:" (None: the prompts as read).
     """
 
     def __init__(self, path: str | None = None, format: str | None = None, kind: str = "counterfactual",
                  split: str = "train", num_edits: int = 50, seed: int = 0, shuffle: bool = False,
-                 edit_batch_size: int = 1, eval_batch_size: int = 8):
+                 edit_batch_size: int = 1, eval_batch_size: int = 8, prompt_suffix: str | None = None):
         super().__init__()
         self.save_hyperparameters()
         if num_edits == 0 or num_edits < -1:
@@ -98,6 +100,8 @@ class EditDataModule(pl.LightningDataModule):
         if h.shuffle:
             random.Random(h.seed).shuffle(requests)
         self._requests = requests if h.num_edits == -1 else requests[: h.num_edits]
+        if h.prompt_suffix:
+            self._requests = [r.with_suffix(h.prompt_suffix) for r in self._requests]
         if not self._requests:
             raise ValueError(f"{self.benchmark.source or self.benchmark.name} holds no edit requests")
 

@@ -7,7 +7,7 @@ the contrasting one.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 Style = Literal["counterfact", "zsre"]
@@ -88,6 +88,16 @@ class EditRequest:
             if not isinstance(value, list) or not all(isinstance(p, str) and p.strip() for p in value):
                 fail("must be a list of non-empty strings", name)
         return self
+
+    def with_suffix(self, suffix: str) -> "EditRequest":
+        """A copy whose edit, paraphrase, neighbourhood and locality prompts end with `suffix` (e.g.
+        iReVa's zsRE trigger " Answer:"); generation prompts are left alone."""
+        if not suffix:
+            return self
+        return replace(self, prompt=self.prompt + suffix,
+                       paraphrase_prompts=[p + suffix for p in self.paraphrase_prompts],
+                       neighborhood_prompts=[p + suffix for p in self.neighborhood_prompts],
+                       locality_prompt=None if self.locality_prompt is None else self.locality_prompt + suffix)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
