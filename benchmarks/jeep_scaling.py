@@ -11,17 +11,20 @@ over edits (the requests are resampled, each with all of its prompts; Score reco
 
 Ablation (`--ablation M`): JEEP and the paper's Table 4 rows at m = M (the options of
 `editing.editors.JEEP`): only low (w/o δ* & Step 3), only high (w/o δ′ & Step 2), joint δ with only
-one region updated (w/o Step 2 / w/o Step 3), separate optimisation, even spread in Step 2, and the
-code-compatible mode; MEMIT and PMET at the same m for reference.
+one region updated (w/o Step 2 / w/o Step 3), separate optimisation, even spread in Step 2, the
+code-compatible mode, and the core's early stop (loss < 0.05, as MEMIT/PMET) instead of the code's
+mean target probability >= 0.9; MEMIT and PMET at the same m for reference.
 
 `--variants M` runs JEEP with other low/high layer sets at m = M (the small sweep behind
 configs/jeep.yaml), e.g. `--variants 15 --highs 22,23 23,24 25,26 --lows 3,4,5,6,7`.
 
     python benchmarks/jeep_scaling.py [--max-n 200] [--every 1] [--methods jeep memit pmet]
         [--ablation 0] [--variants 0 --lows ... --highs ...] [--threads 1] [--autocast bfloat16]
-        [--stats-samples 1000] [--out benchmarks/results/jeep_scaling]
+        [--stats-samples 1000] [--out benchmarks/results/jeep_scaling] [--from-json]
 
-Writes <out>.json (every point with per-edit values), <out>.md (tables) and <out>.png (the curves).
+Writes <out>.json (every point with per-edit values), <out>.md (tables; for the scaling curve also
+JEEP minus MEMIT / PMET on the same edits with paired bootstrap intervals) and <out>.png (the
+curves); `--from-json` rewrites the .md and .png from an existing <out>.json.
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ ABLATIONS = {  # name -> JEEP options (Table 4 of the paper)
     "separate optimisation": dict(optimise="separate"),
     "even spread in Step 2": dict(low_spread="even"),
     "code-compatible mode": dict(mode="code"),
+    "early stop at loss < 0.05 (MEMIT's rule)": dict(v_min_prob=None),  # not in Table 4
 }
 
 
@@ -178,6 +182,60 @@ def plot(curves: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def paired(result: dict, samples: int, seed: int) -> list[str]:
+    """JEEP minus each other method at every m >= 10 on the same edits: the Score and generalization
+    differences with paired percentile-bootstrap 95 % intervals (one resample of edits shared by
+    both methods)."""
+    curves = result["curves"]
+    if "jeep" not in curves or len(curves) < 2:
+        return []
+    lines = ["", "JEEP minus the other method on the same edits (paired bootstrap, 95 % CI):", "",
+             "| m | vs | Score diff | efficacy diff | generalization diff | locality diff |", "|---|---|---|---|---|---|"]
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
+    for i, m in enumerate(result["sizes"]):
+        if m < 10:
+            continue
+        idx = torch.randint(0, m, (samples, m), generator=gen)
+
+        def resampled(method):
+            pe = curves[method][i]["per_edit"]
+            means = {k: torch.nanmean(torch.tensor(pe[k], dtype=torch.float64)[idx], 1) for k in KEYS}
+            score = torch.tensor([harmonic_mean([float(means[k][b]) for k in KEYS]) for b in range(samples)],
+                                 dtype=torch.float64)
+            return {**means, "score": score}
+        j = resampled("jeep")
+        for other in curves:
+            if other == "jeep":
+                continue
+            o = resampled(other)
+            cells = []
+            for k in ("score", *KEYS):
+                lo, hi = torch.quantile(j[k] - o[k], q).tolist()
+                cells.append(f"{curves['jeep'][i][k] - curves[other][i][k]:+.1f} [{lo:+.1f}, {hi:+.1f}]")
+            lines.append(f"| {m} | {other} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def report(result: dict, args) -> list[str]:
+    md = []
+    if result["curves"]:
+        md += [f"Scaling: one batch of the first m counterfactual edits (shipped ParaRel set), SmolLM2-135M, "
+               f"m = {result['sizes']}; value [95 % bootstrap CI over edits].", ""]
+        md += table([(meth, p) for meth, pts in result["curves"].items() for p in pts], "method")
+        md += paired(result, args.bootstrap, args.seed)
+    if result["ablation"]:
+        m = result["ablation"][0]["edits"]
+        md += ["", f"Ablations (paper Table 4) at m = {m}:", ""]
+        md += table([(r["name"], r) for r in result["ablation"]], "variant")
+    if result["variants"]:
+        m = result["variants"][0]["edits"]
+        md += ["", f"JEEP layer sets at m = {m}:", ""] + table([(r["name"], r) for r in result["variants"]], "layers")
+    md += ["", f"({result['seconds'] / 60:.1f} min on {result.get('threads', args.threads)} thread(s), autocast "
+           f"{result['autocast']}, stats samples {result['stats_samples']})"]
+    return md
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--max-n", type=int, default=200, help="N: the largest edit count")
@@ -192,17 +250,33 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--stats-samples", type=int, default=None)
     ap.add_argument("--autocast", default=None, help="e.g. bfloat16 for the target optimisation")
+    ap.add_argument("--from-json", action="store_true", help="rewrite <out>.md/.png from <out>.json, no editing")
     ap.add_argument("--out", default="benchmarks/results/jeep_scaling")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.from_json:
+        result = json.loads(out.with_suffix(".json").read_text())
+    else:
+        result = run(args)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    md = report(result, args)
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    if result["curves"]:
+        plot(result["curves"], out.with_suffix(".png"),
+             "JEEP vs MEMIT vs PMET on SmolLM2-135M (counterfactual, one batch of m edits)")
+    print(f"wrote {out}.md" + ("" if args.from_json else ", .json") + (", .png" if result["curves"] else ""))
+
+
+def run(args) -> dict:
     torch.set_num_threads(args.threads)
     bench = load_benchmark(kind="counterfactual")
-    result = {"max_n": args.max_n, "every": args.every, "autocast": args.autocast,
+    result = {"max_n": args.max_n, "every": args.every, "autocast": args.autocast, "threads": args.threads,
               "stats_samples": args.stats_samples, "low": LOW, "high": HIGH, "lambda": LAMBDA,
               "curves": {}, "ablation": [], "variants": []}
-    md = []
     started = time.perf_counter()
-    scaling = args.max_n > 0 and args.methods
-    if scaling:
+    if args.max_n > 0 and args.methods:
         ms = sizes(args.max_n, args.every)
         result["sizes"] = ms
         print(f"edit counts: {ms}", flush=True)
@@ -211,46 +285,28 @@ def main() -> None:
             editor = make(method, args)
             result["curves"][method] = [point(editor, bench.requests[:m], bench.style, args) for m in ms]
             del editor
-        md += [f"Scaling: one batch of the first m counterfactual edits (shipped ParaRel set), SmolLM2-135M, "
-               f"m = {ms}; value [95 % bootstrap CI over edits].", ""]
-        md += table([(meth, p) for meth, pts in result["curves"].items() for p in pts], "method")
     if args.ablation:
         reqs = bench.requests[: args.ablation]
         print(f"ablation at m = {args.ablation}", flush=True)
-        rows = []
         for name, opts in ABLATIONS.items():
             print(f"  {name}", flush=True)
-            rows.append((name, point(make("jeep", args, **opts), reqs, bench.style, args)))
+            result["ablation"].append({"name": name, **point(make("jeep", args, **opts), reqs, bench.style, args)})
         for method in ("memit", "pmet"):
             print(f"  {method}", flush=True)
-            rows.append((method.upper(), point(make(method, args), reqs, bench.style, args)))
-        result["ablation"] = [{"name": n, **r} for n, r in rows]
-        md += ["", f"Ablations (paper Table 4) at m = {args.ablation}:", ""] + table(rows, "variant")
+            result["ablation"].append({"name": method.upper(), **point(make(method, args), reqs, bench.style, args)})
     if args.variants:
         reqs = bench.requests[: args.variants]
         lows = [[int(x) for x in s.split(",")] for s in (args.lows or [",".join(map(str, LOW))])]
         highs = [[int(x) for x in s.split(",")] for s in (args.highs or [",".join(map(str, HIGH))])]
         print(f"layer variants at m = {args.variants}", flush=True)
-        rows = []
         for low in lows:
             for high in highs:
                 name = f"low {low[0]}..{low[-1]}, high {','.join(map(str, high))}"
                 print(f"  {name}", flush=True)
-                rows.append((name, point(make("jeep", args, low=low, high=high), reqs, bench.style, args)))
-        result["variants"] = [{"name": n, **r} for n, r in rows]
-        md += ["", f"JEEP layer sets at m = {args.variants}:", ""] + table(rows, "layers")
+                result["variants"].append({"name": name, **point(make("jeep", args, low=low, high=high), reqs,
+                                                                  bench.style, args)})
     result["seconds"] = time.perf_counter() - started
-    md += ["", f"({result['seconds'] / 60:.1f} min on {args.threads} thread(s), autocast {args.autocast}, "
-           f"stats samples {args.stats_samples})"]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-    if scaling:
-        plot(result["curves"], out.with_suffix(".png"),
-             f"JEEP vs MEMIT vs PMET on SmolLM2-135M (counterfactual, one batch of m edits)")
-    print(f"wrote {out}.json/.md" + ("/.png" if scaling else ""))
+    return result
 
 
 if __name__ == "__main__":
