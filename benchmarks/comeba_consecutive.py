@@ -247,7 +247,8 @@ def write_outputs(report: dict, out: Path) -> None:
         for method, zs in list(report.get("zscores", {}).items())[:1]:
             last = str(list(zs["alpha"])[-1])
             vals = [[x for x in zs["kinds"][k]["layers"][last]["values"] if x == x] for k in zs["kinds"]]
-            axes[3].boxplot(vals, labels=list(zs["kinds"]))
+            axes[3].boxplot(vals)
+            axes[3].set_xticks(range(1, len(vals) + 1), list(zs["kinds"]))
             axes[3].axhline(zs["alpha"][last], color="red", ls="--", label="final α")
             axes[3].set_title(f"max z-score, layer {last} ({method})")
             axes[3].legend(fontsize=8)
