@@ -30,6 +30,7 @@ import torch
 from editing.data import EvalCase, load_benchmark
 from editing.editors import FT, IReVa, NoEdit
 from editing.editors.ireva import ireva_scores
+from editing.metrics import harmonic_mean
 
 SMOLLM2 = dict(layers=[27], alpha=1.0, theta=0.85)  # configs/ireva.yaml; overridden by the command line
 
@@ -71,12 +72,25 @@ def run_one(method: str, kind: str, args) -> dict:
     return row
 
 
-COLUMNS = ["method", "kind", "n", "ES", "PS", "NS", "score_harmonic", "score_mean", "locality_unchanged",
+COLUMNS = ["method", "kind", "n", "ES", "PS", "NS", "score_harmonic", "score_mean", "NS_capped",
+           "score_harmonic_capped", "locality_unchanged",
            "neighborhood_unchanged", "rewrite_win", "paraphrase_win", "neighborhood_win", "retrieve_success",
            "consistency", "neurons", "edit_s", "eval_s"]
 
 
+def cap_ns(rows: list[dict]) -> list[dict]:
+    """iReVa-v2 caps NS at the unedited model's NS (METHODS.md §7: report raw and capped). Adds
+    `NS_capped` and the harmonic Score with it to every row whose kind has a NoEdit row."""
+    base = {r["kind"]: r["NS"] for r in rows if r["method"] == "noedit" and "NS" in r}
+    for r in rows:
+        if r["kind"] in base and "NS" in r:
+            r["NS_capped"] = min(r["NS"], base[r["kind"]])
+            r["score_harmonic_capped"] = harmonic_mean([r["ES"], r["PS"], r["NS_capped"]])
+    return rows
+
+
 def table(rows: list[dict]) -> str:
+    rows = cap_ns(rows)
     cols = [c for c in COLUMNS if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -110,7 +124,12 @@ def main() -> None:
     p.add_argument("--compare-parallel", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write <out>.json and <out>.md")
+    p.add_argument("--from-json", default=None, help="rebuild the table of an earlier run's JSON, run nothing")
     args = p.parse_args()
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        print(table(saved["rows"]))
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = []
