@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -99,27 +100,35 @@ def main() -> None:
     bench = load_benchmark(kind="counterfactual")
     requests = bench.requests[: args.n]
     runs = []
+    result = {"n": args.n, "batch": args.batch, "every": args.every, "autocast": args.autocast, "runs": runs}
     for method in args.methods:
         variants = [("dr", args.p), ("add", 0.0)]
         if args.no_dr_variants:
             variants = [("dr", args.p)] if method == "adaple" else [("add", 0.0)]
         for fusion, p in variants:
-            r = run(method, fusion, p, requests, bench.style, args)
-            runs.append(r)
+            runs.append(run(method, fusion, p, requests, bench.style, args))
+            save(result, args, final=False)  # an interrupted run keeps what it finished
     for p in args.sweep:
         r = run("adaple", "dr" if p > 0 else "add", p, requests, bench.style, args)
         r["sweep"] = True
         runs.append(r)
-    result = {"n": args.n, "batch": args.batch, "every": args.every, "autocast": args.autocast, "runs": runs}
+        save(result, args, final=False)
     if args.cosine:
         result["cosine"] = cosine_study(requests, args)
         print(f"cosine of successive MEMIT edits' Δ: before DR mean {result['cosine']['before_dr']['mean']:.3f}, "
               f"after DR mean {result['cosine']['after_dr']['mean']:.3f}")
+    save(result, args, final=True)
+
+
+def save(result: dict, args, final: bool) -> None:
+    """<out>.json (all curves), <out>.md (the final point of every run), <out>.png (the curves)."""
+    runs = result["runs"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     lines = [f"Sequential editing, {args.n} counterfactual edits in batches of {args.batch} (SmolLM2-135M); "
              "metrics over all edits so far after the last step.", "",
+             f"`python benchmarks/adaple_attenuation.py {' '.join(sys.argv[1:])}`", "",
              "| method | fusion | p | efficacy | generalization | specificity | score | edit s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -127,11 +136,13 @@ def main() -> None:
         lines.append(f"| {r['method']}{' (sweep)' if r.get('sweep') else ''} | {r['fusion']} | {r['p']} | "
                      f"{f['efficacy']:.1f} | {f['generalization']:.1f} | {f['specificity']:.1f} | "
                      f"{f['score']:.1f} | {r['edit_seconds']:.0f} |")
-    if args.cosine:
+    if "cosine" in result:
         c = result["cosine"]
         lines += ["", f"Pairwise cosine of {args.cosine} successive MEMIT edits' Δ (batch 1): mean "
                   f"{c['before_dr']['mean']:.3f} before DR, {c['after_dr']['mean']:.3f} after DR (p = 0.8)."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    if not final:
+        return
     print("\n".join(lines))
     import matplotlib
     matplotlib.use("Agg")
