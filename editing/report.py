@@ -96,16 +96,41 @@ def default_columns(results: Sequence[dict]) -> list[str]:
     return list(HEADLINE) + known + sorted(present - set(known))
 
 
+def _editor_settings(result: dict) -> dict:
+    config = result.get("config")
+    model = config.get("model") if isinstance(config, dict) else None
+    return model if isinstance(model, dict) else {}
+
+
+def method_names(results: Sequence[dict]) -> list[str]:
+    """The method of each result; where several results share a method, the editor settings (the
+    saved config's model section) that differ between them are appended, e.g. "memit [layers=[6, 7]]"."""
+    names = []
+    for r in results:
+        name = str(r.get("method"))
+        same = [o for o in results if str(o.get("method")) == name]
+        if len(same) > 1:
+            configs = [_editor_settings(o) for o in same]
+            mine = _editor_settings(r)
+            keys = sorted({k for c in configs for k in c if not k.startswith("_")})
+            diff = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1]
+            if diff:
+                name += " [" + ", ".join(f"{k}={mine.get(k)}" for k in diff) + "]"
+        names.append(name)
+    return names
+
+
 def markdown_table(results: Sequence[dict], columns: Sequence[str] | None = None) -> str:
-    """One row per result: method, model, data, num_edits, edit_batch_size, the metric columns
+    """One row per result: method (with the settings that tell same-method runs apart, see
+    `method_names`), model, data, num_edits, edit_batch_size, the metric columns
     (default: `default_columns`), then edit and evaluation seconds. Numbers with 1 decimal; missing "–"."""
     columns = default_columns(results) if columns is None else list(columns)
     header = list(FIXED) + columns + [name for name, _ in TIMING]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in results:
+    for r, name in zip(results, method_names(results)):
         timing = r.get("timing") or {}
         metrics = r.get("metrics") or {}
-        row = [_cell(r.get(k)) for k in FIXED]
+        row = [_cell(name)] + [_cell(r.get(k)) for k in FIXED[1:]]
         row += [_number(metrics.get(c)) for c in columns]
         row += [_number(timing.get(key)) for _, key in TIMING]
         lines.append("| " + " | ".join(row) + " |")
@@ -118,7 +143,7 @@ def _labels(results: Sequence[dict]) -> list[str]:
         return len({str(r.get(key)) for r in results}) > 1
 
     extra = [k for k in ("num_edits",) if differs(k)]
-    labels = [" ".join([str(r.get("method"))] + [f"({r.get(k)})" for k in extra]) for r in results]
+    labels = [" ".join([name] + [f"({r.get(k)})" for k in extra]) for r, name in zip(results, method_names(results))]
     if len(set(labels)) < len(labels):
         more = [k for k in ("model", "data", "edit_batch_size") if differs(k)]
         labels = [lab + "".join(f" [{r.get(k)}]" for k in more) for lab, r in zip(labels, results)]

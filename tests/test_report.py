@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from editing.report import bar_chart, default_columns, load_results, main, markdown_table
+from editing.report import bar_chart, default_columns, load_results, main, markdown_table, method_names
 
 
 def fake(tmp_path, name, method, rel, num_edits=50, **metrics):
@@ -93,3 +93,18 @@ def test_errors_name_the_file(tmp_path, capsys):
         with pytest.raises(SystemExit, match=re.escape(str(bad))):
             load_results([tmp_path / "bad"])
     assert capsys.readouterr().out == ""
+
+
+def test_same_method_runs_are_told_apart_by_their_differing_settings(tmp_path):
+    for name, layers in (("a", [3, 4]), ("b", [6, 7])):
+        d = fake(tmp_path, name, "memit", 90.0)
+        data = json.loads((d / "results.json").read_text())
+        data["config"] = {"model": {"_class_path": name, "layers": layers, "mom2_update_weight": 1000.0}}
+        (d / "results.json").write_text(json.dumps(data))
+    fake(tmp_path, "c", "noedit", 3.0)
+    results = load_results([tmp_path / "a", tmp_path / "b", tmp_path / "c"])
+    assert method_names(results) == ["memit [layers=[3, 4]]", "memit [layers=[6, 7]]", "noedit"]
+    rows = markdown_table(results).splitlines()[2:]
+    assert rows[0].startswith("| memit [layers=[3, 4]] | smollm2-135m |") and rows[2].startswith("| noedit |")
+    png = bar_chart(results, tmp_path / "chart.png")
+    assert png.stat().st_size > 1000
