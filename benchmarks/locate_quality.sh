@@ -17,7 +17,10 @@ timed ft python cli.py fit --config configs/ft.yaml --data.num_edits "$N" --trai
 for m in memit pmet rome; do
   timed "$m" python cli.py fit --config "configs/$m.yaml" --data.num_edits "$N" --trainer.default_root_dir "$RUNS/$m" --test_after_fit true
 done
-python -m editing.report "$RUNS"/noedit "$RUNS"/ft "$RUNS"/rome "$RUNS"/memit "$RUNS"/pmet --out "$OUT/locate_quality.md" \
+# MEMIT at 3..7 too: the window the JEEP / COMEBA-HK / AdaPLE comparisons use (configs/memit.yaml: 6..10)
+timed memit_3_7 python cli.py fit --config configs/memit.yaml --model.init_args.layers '[3, 4, 5, 6, 7]' \
+  --data.num_edits "$N" --trainer.default_root_dir "$RUNS/memit_3_7" --test_after_fit true
+python -m editing.report "$RUNS"/noedit "$RUNS"/ft "$RUNS"/rome "$RUNS"/memit_3_7 "$RUNS"/memit "$RUNS"/pmet --out "$OUT/locate_quality.md" \
   --plot "$OUT/locate_quality.png" \
   --columns reliability,generality,locality,score,rewrite_acc,paraphrase_acc,neighborhood_unchanged,locality_unchanged
 cat "$RUNS/times.txt"
