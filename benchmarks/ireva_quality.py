@@ -128,6 +128,8 @@ def main() -> None:
     args = p.parse_args()
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
+        if any("layer" in r for r in saved["rows"]):  # a --sweep run
+            COLUMNS[1:1] = ["layer", "alpha", "theta"]
         print(table(saved["rows"]))
         return
     torch.set_num_threads(args.threads)
