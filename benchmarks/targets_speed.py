@@ -32,9 +32,9 @@ def main() -> None:
     # Early stopping makes the work depend on the path's rounding: time a fixed number of steps.
     cfg.early_stop_loss = -1.0
     t0 = time.perf_counter()
-    fast = compute_targets(editor, requests, cfg, templates)
+    fast = compute_targets(editor.layout, editor.tokenizer, requests, cfg, templates)
     t1 = time.perf_counter()
-    slow = [compute_targets(editor, [r], cfg, templates, truncated=False) for r in requests]
+    slow = [compute_targets(editor.layout, editor.tokenizer, [r], cfg, templates, truncated=False) for r in requests]
     t2 = time.perf_counter()
     z_fast = fast.z["block"]
     z_slow = torch.cat([s.z["block"] for s in slow])
@@ -45,7 +45,7 @@ def main() -> None:
     print(f"speed-up: {(t2 - t1) / (t1 - t0):.1f}x; max relative difference of the targets: {float(rel):.2e}")
     cfg.autocast = "bfloat16"
     t3 = time.perf_counter()
-    amp = compute_targets(editor, requests, cfg, templates)
+    amp = compute_targets(editor.layout, editor.tokenizer, requests, cfg, templates)
     t4 = time.perf_counter()
     rel = ((amp.z["block"] - z_slow).norm(dim=-1) / z_slow.norm(dim=-1)).max()
     print(f"batched + truncated + bf16 autocast: {t4 - t3:.1f} s ({(t4 - t3) / args.n:.2f} s/request), "

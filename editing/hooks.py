@@ -8,6 +8,8 @@ the module returns or takes a tuple) and may return a replacement. On top of tha
 - `add_at(...)` / `replace_at(...)`: add a vector to, or overwrite, chosen (row, position) entries;
 - `attach(...)`: a persistent hook for edits that live with the model (adaptors, weight deltas),
   returning a handle whose `remove()` detaches it;
+- `run_until(model, module, **inputs)`: a forward that stops right after `module` (run only the
+  layers you need);
 - `MaskTracker(backbone)`: the attention mask of the current forward, for persistent hooks that
   must ignore padding (e.g. statistics over a sequence's real positions).
 
@@ -28,11 +30,11 @@ Where = Literal["input", "output"]
 TensorFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
-def _first(x):
+def first(x):
     return x[0] if isinstance(x, tuple) else x
 
 
-def _with_first(x, new: torch.Tensor):
+def with_first(x, new: torch.Tensor):
     return (new,) + tuple(x[1:]) if isinstance(x, tuple) else new
 
 
@@ -41,8 +43,8 @@ def attach(module: nn.Module, fn: TensorFn, where: Where = "output") -> Removabl
     replaces it. Returns the handle; `handle.remove()` detaches."""
     if where == "output":
         def hook(mod, args, output):
-            new = fn(_first(output))
-            return None if new is None else _with_first(output, new)
+            new = fn(first(output))
+            return None if new is None else with_first(output, new)
         return module.register_forward_hook(hook)
     if where == "input":
         def pre_hook(mod, args, kwargs):
@@ -63,8 +65,8 @@ def attach_io(module: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], "tor
     weight delta (`output + input @ delta.T`)."""
     def hook(mod, args, kwargs, output):
         x = args[0] if args else next(iter(kwargs.values()))
-        new = fn(x, _first(output))
-        return None if new is None else _with_first(output, new)
+        new = fn(x, first(output))
+        return None if new is None else with_first(output, new)
     return module.register_forward_hook(hook, with_kwargs=True)
 
 
@@ -165,6 +167,17 @@ def stop_after(module: nn.Module) -> Iterator[None]:
         raise StopForward
     with attached(module, fn, "output"):
         yield
+
+
+def run_until(model: nn.Module, module: nn.Module, **inputs) -> None:
+    """Run `model(**inputs)` and end the forward as soon as `module` has run: only the layers up to
+    it execute. Hooks registered before the call (e.g. `capture` on `module` itself) still fire;
+    read what they recorded afterwards."""
+    with stop_after(module):
+        try:
+            model(**inputs)
+        except StopForward:
+            pass
 
 
 class MaskTracker:

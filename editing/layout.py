@@ -91,6 +91,10 @@ class Layout:
         return len(_get(self.model, self.family.blocks))
 
     @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
     def hidden_size(self) -> int:
         return self.embedding.weight.shape[1]
 
@@ -128,7 +132,31 @@ class Layout:
         return f"{self.block_name(layer)}.{rel}"
 
     def module(self, layer: int, part: str) -> nn.Module:
+        """The module at `part` of `layer`: an injected edit module if one wraps it (its forward is
+        the edited one), else the model's own."""
         return _get(self.model, self.module_name(layer, part))
+
+    def inject(self, layer: int, part: str, wrap) -> nn.Module:
+        """Put `wrap(module)` (an edit module wrapping it, `editing.tuners`) in place of `part` of
+        `layer`; returns the new module. `eject` puts the wrapped module back."""
+        name = self.module_name(layer, part)
+        new = wrap(_get(self.model, name))
+        self._set(name, new)
+        return new
+
+    def eject(self, layer: int, part: str) -> nn.Module:
+        """Remove the edit module at `part` of `layer` (outermost first); returns it."""
+        name = self.module_name(layer, part)
+        current = _get(self.model, name)
+        inner = current._modules.get("base_layer")
+        if not isinstance(inner, nn.Module):
+            raise ValueError(f"no edit module at {name}")
+        self._set(name, inner)
+        return current
+
+    def _set(self, name: str, module: nn.Module) -> None:
+        parent_path, attr = name.rsplit(".", 1)
+        setattr(base_layer(_get(self.model, parent_path)), attr, module)
 
     def block(self, layer: int) -> nn.Module:
         return self.module(layer, "block")
@@ -147,6 +175,13 @@ class Layout:
     def attn_out(self, layer: int) -> nn.Module:
         """The attention output projection; its output is the attention's contribution a^l."""
         return self.module(layer, "attn_out")
+
+    def part(self, layer: int, part: str) -> nn.Module:
+        """The module whose output is `part` of the residual stream at `layer`: "block" (h^l),
+        "mlp" (m^l) or "attn_out" (a^l)."""
+        if part not in ("block", "mlp", "attn_out"):
+            raise ValueError(f"part must be block, mlp or attn_out, got {part!r}")
+        return self.module(layer, part)
 
     @property
     def backbone(self) -> nn.Module:
@@ -204,8 +239,16 @@ class Layout:
         return self.mlp_out_weight(layer).shape[1]
 
 
+def base_layer(module: nn.Module) -> nn.Module:
+    """The model's own module under any injected edit modules wrapping it (`editing.tuners`)."""
+    while isinstance(module._modules.get("base_layer"), nn.Module):
+        module = module._modules["base_layer"]
+    return module
+
+
 def is_transposed(module: nn.Module) -> bool:
     """True when the module stores its weight as (in, out) (HF Conv1D)."""
+    module = base_layer(module)
     if isinstance(module, Conv1D):
         return True
     if isinstance(module, nn.Linear):
@@ -215,7 +258,7 @@ def is_transposed(module: nn.Module) -> bool:
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
     """The module's weight viewed as (out, in); writing into the view writes the weight."""
-    w = module.weight
+    w = base_layer(module).weight
     return w.t() if is_transposed(module) else w
 
 

@@ -125,13 +125,29 @@ def apply_chat_template(tokenizer, prompt: str) -> str:
                                          add_generation_prompt=True)
 
 
+def base_state_dict(model: nn.Module, parameters: bool = False) -> dict[str, torch.Tensor]:
+    """The model's tensors as the base model names them: edit modules injected into it (modules that
+    wrap a `base_layer`, `editing.tuners`) contribute their base layer's tensors under the original
+    names and none of their own. `parameters=True`: parameters only (no buffers)."""
+    wrappers = [n for n, m in model.named_modules() if isinstance(m._modules.get("base_layer"), nn.Module)]
+    own = tuple(f"{n}." if n else "" for n in wrappers)
+    items = model.named_parameters() if parameters else model.state_dict().items()
+    out = {}
+    for name, t in items:
+        inner = [p for p in own if name.startswith(p)]
+        if inner and not any(name.startswith(p + "base_layer.") for p in inner):
+            continue  # an edit module's own tensor
+        out[name.replace("base_layer.", "")] = t
+    return out
+
+
 def fingerprint(model: nn.Module, samples: int = 64) -> dict:
     """The base model's identity: its name, shape facts, and a strided sample of every weight.
 
     Compare with `same_model`, which tolerates dtype rounding (a float32 edit loads onto the bfloat16
     model) but not a different model."""
     values = []
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in sorted(base_state_dict(model).items()):
         if not torch.is_floating_point(p) or p.numel() == 0:
             continue
         flat = p.detach().reshape(-1)
@@ -143,7 +159,7 @@ def fingerprint(model: nn.Module, samples: int = 64) -> dict:
     return {
         "name": getattr(cfg, "_name_or_path", "") or "",
         "model_type": cfg.model_type,
-        "num_parameters": int(sum(p.numel() for p in model.parameters())),
+        "num_parameters": int(sum(p.numel() for p in base_state_dict(model, parameters=True).values())),
         "sample": sample.tolist(),
         "digest": hashlib.sha256(sample.to(torch.bfloat16).view(torch.int16).numpy().tobytes()).hexdigest()[:16],
     }

@@ -44,21 +44,21 @@ def _train_tokenizer(kind: str):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def tiny_config(family: str, vocab: int):
+def tiny_config(family: str, vocab: int, layers: int = 3):
     from transformers import GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig
 
     if family == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_positions=128, n_embd=32, n_layer=3, n_head=4)
+        return GPT2Config(vocab_size=vocab, n_positions=128, n_embd=32, n_layer=layers, n_head=4)
     if family == "gptj":
-        return GPTJConfig(vocab_size=vocab, n_positions=128, n_embd=32, n_layer=3, n_head=4, rotary_dim=8)
+        return GPTJConfig(vocab_size=vocab, n_positions=128, n_embd=32, n_layer=layers, n_head=4, rotary_dim=8)
     if family == "gpt_neox":
-        return GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        return GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                              intermediate_size=64, max_position_embeddings=128, use_parallel_residual=True)
     if family == "gpt_neox_seq":
-        return GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        return GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                              intermediate_size=64, max_position_embeddings=128, use_parallel_residual=False)
     if family == "llama":
-        return LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        return LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                            tie_word_embeddings=False)
     raise ValueError(family)
@@ -67,13 +67,13 @@ def tiny_config(family: str, vocab: int):
 FAMILIES = ["gpt2", "gptj", "gpt_neox", "gpt_neox_seq", "llama"]
 
 
-def make_tiny(family: str, directory: Path, seed: int = 0) -> Path:
+def make_tiny(family: str, directory: Path, seed: int = 0, layers: int = 3) -> Path:
     """A tiny random model of `family` with a matching tokenizer saved in `directory`."""
     from transformers import AutoModelForCausalLM
 
     tok = _train_tokenizer("sentencepiece" if family == "llama" else "bytelevel")
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tok)))
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tok), layers))
     model.config.pad_token_id = tok.eos_token_id
     model.config.bos_token_id = tok.bos_token_id
     model.config.eos_token_id = tok.eos_token_id
@@ -114,3 +114,22 @@ def smollm2_path() -> str:
 @pytest.fixture(autouse=True)
 def _quiet(monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def fail_closed_form(monkeypatch):
+    """`fail_closed_form(n)` makes the core's closed form raise on its n-th call from then on (default
+    the second: a step that fails after its first layer was written); returns the call counter."""
+    import editing.editors.locate.spread as spread
+
+    def arm(n: int = 2) -> dict:
+        real, calls = spread.closed_form, {"n": 0}
+
+        def failing(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise RuntimeError("boom")
+            return real(*a, **k)
+        monkeypatch.setattr(spread, "closed_form", failing)
+        return calls
+    return arm

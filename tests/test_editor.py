@@ -39,9 +39,10 @@ def logits(ed, text="The capital of France is"):
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gptj"])
 def test_ft_edits_and_disable_restores_base(tiny_dirs, family):
     ed = make_ft(str(tiny_dirs[family]))
-    assert not any(p.requires_grad for p in ed.model.parameters())
+    from editing.models import base_state_dict
+    assert not any(p.requires_grad for p in base_state_dict(ed.model, parameters=True).values())
     trainable = {n for n, p in ed.named_parameters() if p.requires_grad}
-    assert trainable == {"deltas.1"}
+    assert trainable == {f"model.{ed.layout.module_name(1, 'mlp_out')}.delta"}
     base = logits(ed)
     before = target_nll(ed, REQS[0])
     info = ed.edit([REQS[0]])
@@ -52,15 +53,15 @@ def test_ft_edits_and_disable_restores_base(tiny_dirs, family):
     with ed.disabled():
         torch.testing.assert_close(logits(ed), base)
     # the base weights themselves never changed
-    assert all(k.startswith("deltas") for k in ed.state_dict())
+    assert set(ed.state_dict()) == trainable
 
 
 def test_ft_norm_constraint_bounds_each_step(tiny_llama):
     ed = make_ft(tiny_llama, objective="prompt_last", norm_constraint=1e-3)
     ed.edit([REQS[0]])
-    assert ed.deltas["1"].abs().max() <= 1e-3 + 1e-7
+    assert ed.delta(1).abs().max() <= 1e-3 + 1e-7
     ed.edit([REQS[1]])  # the bound applies per edit step, relative to the weights before the step
-    assert ed.deltas["1"].abs().max() <= 2e-3 + 1e-7
+    assert ed.delta(1).abs().max() <= 2e-3 + 1e-7
 
 
 def test_checkpoint_round_trip_and_refusal(tiny_dirs, tmp_path):

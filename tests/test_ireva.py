@@ -85,7 +85,7 @@ def test_adaptor_math_margin_and_silence(tiny_gpt2):
     assert torch.allclose(edited, base, atol=1e-6)
     # Ablation: without the margin the same orthogonal input does leak through (GeLU(0) = 0, so
     # use a slightly aligned input).
-    editor.hparams.margin = False
+    editor.kv.margin = False
     slight = standardize(other + 0.2 * k / k.norm() * math.sqrt(d))
     assert editor.adaptor(slight).abs().max() > 1e-3
 
@@ -102,7 +102,7 @@ def test_max_pooling_picks_the_best_matching_neuron(tiny_gpt2):
     assert j == 2
     pooled = editor.adaptor(x[None])[0]
     assert torch.allclose(pooled, 0.5 * editor.act(scores[2]) * editor.values[2], atol=1e-5)
-    editor.hparams.max_pooling = False  # ablation: every neuron's activated output summed
+    editor.kv.max_pooling = False  # ablation: every neuron's activated output summed
     summed = editor.adaptor(x[None])[0]
     assert torch.allclose(summed, 0.5 * editor.act(scores) @ editor.values, atol=1e-5)
 
@@ -224,7 +224,8 @@ def test_checkpoint_round_trip(tiny_gpt2, tmp_path):
     editor.edit([REQS[2]])
     path = editor.save_edit(tmp_path / "edit.ckpt")
     state = torch.load(path, weights_only=False)
-    assert set(state["state_dict"]) == {"keys", "values", "shifts", "neuron_edit", "neuron_token"}
+    prefix = f"model.{editor.layout.module_name(editor.layer, 'mlp')}."
+    assert set(state["state_dict"]) == {prefix + n for n in ("keys", "values", "shifts", "neuron_edit", "neuron_token")}
     assert state["edit_meta"]["case_ids"] == ["a", "b", "c"]
     other = make(tiny_gpt2, alpha=2.0)
     other.load_edit(path)

@@ -20,26 +20,26 @@ def test_joint_without_high_delta_is_the_single_region_path(tiny_llama):
     """δ* clamped to 0 (γ* = 0): the low target equals the one-delta optimisation at L′, and the
     high target stays at its initial value, at the prediction position."""
     ed = JEEP(base_model=tiny_llama, layers=[0], high_layers=[2], **FAST)
-    flat = [t for g in ed.template_groups() for t in g]
+    flat = ed.templates()
     low = DeltaSite("low", "block", 0, "subject_last")
     high = DeltaSite("high", "block", 2, "prompt_last", clamp=0.0)
     base = dict(layer=0, steps=8, lr=0.5, clamp=0.75, weight_decay=0.5)
-    joint = compute_targets(ed, REQS, TargetConfig(**base, sites=(low, high)), flat)
-    single = compute_targets(ed, REQS, TargetConfig(**base, parts=("block",)), flat)
+    joint = compute_targets(ed.layout, ed.tokenizer, REQS, TargetConfig(**base, sites=(low, high)), flat)
+    single = compute_targets(ed.layout, ed.tokenizer, REQS, TargetConfig(**base, parts=("block",)), flat)
     torch.testing.assert_close(joint.z["low"], single.z["block"], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(joint.loss, single.loss, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(joint.z["high"], joint.init["high"], atol=0, rtol=0)
     # the high init is h^2 at the prompt's last token of the bare prompt
-    torch.testing.assert_close(joint.init["high"], current_values(ed, REQS, "block", 2, "prompt_last"))
-    assert not torch.allclose(joint.init["high"], current_values(ed, REQS, "block", 2))
+    torch.testing.assert_close(joint.init["high"], current_values(ed.layout, ed.tokenizer, REQS, "block", 2, "prompt_last"))
+    assert not torch.allclose(joint.init["high"], current_values(ed.layout, ed.tokenizer, REQS, "block", 2))
     # with a free δ* both deltas move and the clamps hold
-    free = compute_targets(ed, REQS, ed.joint_config(("low", "high")), flat)
+    free = compute_targets(ed.layout, ed.tokenizer, REQS, ed.joint_config(("low", "high")), flat)
     d_low, d_high = free.z["low"] - free.init["low"], free.z["high"] - free.init["high"]
     assert (d_high.norm(dim=-1) > 0).all() and (d_low.norm(dim=-1) > 0).all()
     assert (d_low.norm(dim=-1) <= 0.75 * free.init["low"].norm(dim=-1) + 1e-4).all()
     assert (d_high.norm(dim=-1) <= 0.25 * free.init["high"].norm(dim=-1) + 1e-4).all()
     # the truncated forward (from block L′) equals the full model's
-    full = compute_targets(ed, REQS, ed.joint_config(("low", "high")), flat, truncated=False)
+    full = compute_targets(ed.layout, ed.tokenizer, REQS, ed.joint_config(("low", "high")), flat, truncated=False)
     for k in ("low", "high"):
         torch.testing.assert_close(free.z[k], full.z[k], atol=1e-4, rtol=1e-4)
 
@@ -106,8 +106,8 @@ def test_high_residual_without_delta(tiny_llama, mode):
     one space), and a^{L*} − m^{L*} at PL in code mode (the official code's mixed spaces)."""
     ed = with_stats(JEEP(base_model=tiny_llama, layers=[0], high_layers=[1, 2], mode=mode, optimise="high",
                          update_regions="high", high_clamp_norm_factor=0.0, high_mom2_update_weight=1.0, **FAST))
-    a = current_values(ed, REQS, "attn_out", 2, "prompt_last")
-    m = current_values(ed, REQS, "mlp", 2, "prompt_last")
+    a = current_values(ed.layout, ed.tokenizer, REQS, "attn_out", 2, "prompt_last")
+    m = current_values(ed.layout, ed.tokenizer, REQS, "mlp", 2, "prompt_last")
     w1 = ed._weight(1).detach().clone()
     info = ed.edit(REQS)
     if mode == "paper":
@@ -118,18 +118,10 @@ def test_high_residual_without_delta(tiny_llama, mode):
         assert not torch.equal(ed._weight(1), w1)
 
 
-def test_failed_step_restores_and_bad_input(tiny_llama, monkeypatch):
+def test_failed_step_restores_and_bad_input(tiny_llama, fail_closed_form):
     ed = with_stats(JEEP(base_model=tiny_llama, layers=[0], high_layers=[2], **FAST))
     before = params(ed)
-    import editing.editors.jeep as jeep_mod
-    real, calls = jeep_mod.closed_form, {"n": 0}
-
-    def failing(*a, **k):  # fails at the high region, after the low layer was written
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("boom")
-        return real(*a, **k)
-    monkeypatch.setattr(jeep_mod, "closed_form", failing)
+    fail_closed_form(2)  # fails at the high region, after the low layer was written
     with pytest.raises(EditError, match="restored"):
         ed.edit(REQS[:1])
     assert all(torch.equal(before[n], p) for n, p in params(ed).items())

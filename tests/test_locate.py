@@ -44,13 +44,13 @@ def test_closed_form_solves_least_squares():
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_rome_maps_key_to_value(tiny_dirs, family):
     ed = with_stats(ROME(base_model=str(tiny_dirs[family]), layers=[1], **FAST))
-    flat = [t for g in ed.template_groups() for t in g]
+    flat = ed.templates()
     req = REQS[0]
-    v = compute_targets(ed, [req], ed.target_config(), flat).z["mlp"][0]
+    v = compute_targets(ed.layout, ed.tokenizer, [req], ed.target_config(), flat).z["mlp"][0]
     w_before = ed._weight(1).detach().clone()
     ed.edit([req])
     # the bare prompt's MLP output at the subject's last token is now v*
-    torch.testing.assert_close(current_values(ed, [req], "mlp", 1)[0], v, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(current_values(ed.layout, ed.tokenizer, [req], "mlp", 1)[0], v, atol=1e-4, rtol=1e-4)
     delta = ed._weight(1).detach() - w_before
     assert torch.linalg.matrix_rank(delta.double(), atol=1e-6) == 1
     with ed.disabled():
@@ -59,15 +59,15 @@ def test_rome_maps_key_to_value(tiny_dirs, family):
 
 def test_batched_targets_equal_one_at_a_time(tiny_llama):
     ed = MEMIT(base_model=tiny_llama, layers=[0, 1], **FAST)
-    flat = [t for g in ed.template_groups() for t in g]
+    flat = ed.templates()
     cfg = ed.target_config()
-    batched = compute_targets(ed, REQS, cfg, flat)
+    batched = compute_targets(ed.layout, ed.tokenizer, REQS, cfg, flat)
     for i, r in enumerate(REQS):
-        single = compute_targets(ed, [r], cfg, flat)
+        single = compute_targets(ed.layout, ed.tokenizer, [r], cfg, flat)
         torch.testing.assert_close(batched.z["block"][i], single.z["block"][0], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(batched.loss[i], single.loss[0], atol=1e-4, rtol=1e-4)
     # the truncated forward (from block L, LM head at scored positions only) equals the full one
-    full = compute_targets(ed, REQS, cfg, flat, truncated=False)
+    full = compute_targets(ed.layout, ed.tokenizer, REQS, cfg, flat, truncated=False)
     torch.testing.assert_close(batched.z["block"], full.z["block"], atol=1e-4, rtol=1e-4)
     # the clamp holds
     delta = batched.z["block"] - batched.init["block"]
@@ -77,8 +77,8 @@ def test_batched_targets_equal_one_at_a_time(tiny_llama):
 def test_keys_are_group_means(tiny_gpt2):
     ed = MEMIT(base_model=tiny_gpt2, layers=[1], **FAST)
     groups = ed.template_groups()
-    k = compute_keys(ed, REQS[:1], 1, groups)
-    per_group = [compute_keys(ed, REQS[:1], 1, [g]) for g in groups]
+    k = compute_keys(ed.layout, ed.tokenizer, REQS[:1], 1, groups)
+    per_group = [compute_keys(ed.layout, ed.tokenizer, REQS[:1], 1, [g]) for g in groups]
     torch.testing.assert_close(k, sum(per_group) / len(per_group))
 
 
@@ -97,13 +97,13 @@ def test_edit_writes_target_undo_and_disable_are_exact(tiny_dirs, cls, family):
     weights = {l: ed._weight(l).detach().clone() for l in ed.layers}
     before = nll()
     part = "mlp" if cls is PMET else "block"
-    cur0 = current_values(ed, REQS[:2], part, 1)
+    cur0 = current_values(ed.layout, ed.tokenizer, REQS[:2], part, 1)
     ed.edit(REQS[:2])
     # the update writes most of the target into the model
-    flat = [t for g in ed.template_groups() for t in g]
+    flat = ed.templates()
     with ed.disabled():
-        z = compute_targets(ed, REQS[:2], ed.target_config(), flat).z[part]
-    cur1 = current_values(ed, REQS[:2], part, 1)
+        z = compute_targets(ed.layout, ed.tokenizer, REQS[:2], ed.target_config(), flat).z[part]
+    cur1 = current_values(ed.layout, ed.tokenizer, REQS[:2], part, 1)
     assert ((z - cur1).norm(dim=-1) < 0.5 * (z - cur0).norm(dim=-1)).all()
     mid_weights = {l: ed._weight(l).detach().clone() for l in ed.layers}
     ed.edit(REQS[2:])
@@ -119,7 +119,7 @@ def test_edit_writes_target_undo_and_disable_are_exact(tiny_dirs, cls, family):
     assert nll() == pytest.approx(before)
 
 
-def test_checkpoint_and_failed_step(tiny_llama, tmp_path, monkeypatch):
+def test_checkpoint_and_failed_step(tiny_llama, tmp_path, fail_closed_form):
     ed = with_stats(MEMIT(base_model=tiny_llama, layers=[0, 1], **FAST))
     ed.edit(REQS[:2])
     path = ed.save_edit(tmp_path / "memit.ckpt")
@@ -129,16 +129,7 @@ def test_checkpoint_and_failed_step(tiny_llama, tmp_path, monkeypatch):
     for l in ed.layers:
         assert torch.equal(fresh._weight(l), edited[l])
     # a step that fails half-way (after the first layer was written) leaves the weights as they were
-    import editing.editors.memit as memit_mod
-    real = memit_mod.closed_form
-    calls = {"n": 0}
-
-    def failing(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("boom")
-        return real(*a, **k)
-    monkeypatch.setattr(memit_mod, "closed_form", failing)
+    fail_closed_form(2)
     from editing.editors import EditError
     with pytest.raises(EditError, match="restored"):
         ed.edit(REQS[2:])

@@ -23,20 +23,23 @@ drop-and-rescale fusion (../shared/METHODS.md §6).
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
+from editing.editors.locate.fusion import Fusion
 from editing.editors.pmet import PMET
+from editing.validation import check_choice
 
-RESIDUAL_MODES = ("eq4", "alg1", "memit")
+ResidualMode = Literal["eq4", "alg1", "memit"]
 
 
 class AdaPLE(PMET):
     method = "adaple"
 
-    def __init__(self, residual_mode: str = "eq4", attn_delta: bool = True, fusion: str = "dr",
+    def __init__(self, residual_mode: ResidualMode = "eq4", attn_delta: bool = True, fusion: Fusion = "dr",
                  drop_rate: float = 0.8, **kwargs):
-        if residual_mode not in RESIDUAL_MODES:
-            raise ValueError(f"residual_mode must be one of {RESIDUAL_MODES}, got {residual_mode!r}")
+        check_choice("residual_mode", residual_mode, ResidualMode)
         super().__init__(fusion=fusion, drop_rate=drop_rate, **kwargs)
         self.residual_mode = residual_mode
         self.key_weight = 1.0 if residual_mode == "memit" else 2.0

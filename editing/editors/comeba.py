@@ -39,48 +39,26 @@ after every step).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import nn
 
 from editing import hooks
+from editing.data.batch import EditBatch
 from editing.data.records import EditRequest
 from editing.editors.base import Editor
-from editing.editors.locate import EditHistory, closed_form, current_values, fill
+from editing.editors.locate import EditHistory, fill
 from editing.editors.memit import MEMIT
-from editing.layout import linear
 from editing.tokens import encode
+from editing.tuners import HookLayer
+from editing.tuners.hook_layer import max_zscore_bound, select, zscores  # noqa: F401 (re-exported)
+from editing.validation import check_choice
 
-UPDATES = ("consecutive", "memit")
-ALPHA_MODES = ("dynamic", "fixed")
-SHORT_PROMPTS = ("keep", "skip")
-
-
-# --- the local editing scope identification (§5.3) ------------------------------------------------------
-def zscores(m: torch.Tensor, real: torch.Tensor, ddof: int = 0) -> torch.Tensor:
-    """Z [B, S] of m [B, S] over each row's real positions; NaN where a position is not real, or the
-    row has fewer than ddof + 2 real positions or zero deviation (no outlier is defined)."""
-    m = m.float()
-    w = real.float()
-    n = w.sum(1, keepdim=True)
-    mean = (m * w).sum(1, keepdim=True) / n.clamp(min=1)
-    var = (((m - mean) * w) ** 2).sum(1, keepdim=True) / (n - ddof).clamp(min=1)
-    std = var.sqrt()
-    ok = real & (n >= ddof + 2) & (std > 0)
-    z = (m - mean) / torch.where(std > 0, std, torch.ones_like(std))
-    return torch.where(ok, z, torch.full_like(z, float("nan")))
-
-
-def max_zscore_bound(n: int, ddof: int = 0) -> float:
-    """The largest z-score any position of n can have: √(n−1) (population) or (n−1)/√n (sample)."""
-    if n < 2:
-        return float("nan")
-    return math.sqrt(n - 1) if ddof == 0 else (n - 1) / math.sqrt(n)
-
-
-def select(z: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The positions whose output is swapped for the hook layer's: Z ≥ α (NaN never is)."""
-    return z >= alpha
+UpdateRule = Literal["consecutive", "memit"]
+AlphaMode = Literal["dynamic", "fixed"]
+AlphaScope = Literal["layer", "global"]
+ShortPrompts = Literal["keep", "skip"]
 
 
 class AlphaHistory(nn.Module):
@@ -123,16 +101,15 @@ class COMEBA(MEMIT):
 
     method = "comeba_hk"
 
-    def __init__(self, hook: bool = True, update_rule: str = "consecutive", last_layers: int | None = None,
-                 alpha_z: float = 2.2, alpha_mode: str = "dynamic", alpha_scope: str = "layer",
-                 short_prompts: str = "keep", exclude_first: bool | str = "auto", zscore_ddof: int = 0,
-                 **kwargs):
+    def __init__(self, hook: bool = True, update_rule: UpdateRule = "consecutive", last_layers: int | None = None,
+                 alpha_z: float = 2.2, alpha_mode: AlphaMode = "dynamic", alpha_scope: AlphaScope = "layer",
+                 short_prompts: ShortPrompts = "keep", exclude_first: bool | Literal["auto"] = "auto",
+                 zscore_ddof: Literal[0, 1] = 0, **kwargs):
         super().__init__(**kwargs)
-        for name, value, allowed in (("update_rule", update_rule, UPDATES), ("alpha_mode", alpha_mode, ALPHA_MODES),
-                                     ("alpha_scope", alpha_scope, ("layer", "global")),
-                                     ("short_prompts", short_prompts, SHORT_PROMPTS)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        check_choice("update_rule", update_rule, UpdateRule)
+        check_choice("alpha_mode", alpha_mode, AlphaMode)
+        check_choice("alpha_scope", alpha_scope, AlphaScope)
+        check_choice("short_prompts", short_prompts, ShortPrompts)
         if exclude_first not in (True, False, "auto"):
             raise ValueError(f"exclude_first must be true, false or 'auto', got {exclude_first!r}")
         if zscore_ddof not in (0, 1):
@@ -150,14 +127,12 @@ class COMEBA(MEMIT):
             exclude_first = bool(ids) and self.tokenizer.bos_token_id is not None \
                 and ids[0] == self.tokenizer.bos_token_id
         self.exclude_first = bool(exclude_first)
-        self._delta: dict[int, torch.Tensor] = {}      # layer -> W_h − W₀ (out, in), model dtype
-        self._mode: dict[int, str] = {l: "validated" for l in self.layers}
         self._alpha_override: float | None = None     # tests and analyses: one α for every layer
-        self._record: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._handles = []
         if hook:
             self._mask = hooks.MaskTracker(self.layout.backbone)
-            self._handles = [hooks.attach_io(self.layout.mlp_out(l), self._hook(l)) for l in self.layers]
+            for l in self.layers:
+                self.inject(l, "mlp_out", lambda base, l=l: HookLayer(
+                    base, self._mask, lambda: self.alpha(l), self.exclude_first, zscore_ddof))
 
     # --- the hook layers ---------------------------------------------------------------------------------
     def alpha(self, layer: int) -> float:
@@ -168,44 +143,30 @@ class COMEBA(MEMIT):
             return float(self.hparams.alpha_z)
         return self.alphas.steps[-1][self.layers.index(layer)]
 
-    def _hook(self, layer: int):
-        module = self.layout.mlp_out(layer)
+    def hook(self, layer: int) -> HookLayer:
+        """The hook layer injected at `layer`'s MLP output projection."""
+        return self.layout.mlp_out(layer)
 
-        def fn(x: torch.Tensor, out: torch.Tensor):
-            delta = self._delta.get(layer)
-            if not self.enabled or delta is None:
-                return None
-            diff = linear(module, x, delta.to(x.device, x.dtype))   # O − P = (W_h − W₀) k̂, [B, S, d]
-            if self._mode[layer] == "temporary":
-                return out + diff.to(out.dtype)
-            real, index = self._mask.positions(x.shape[0], x.shape[1], x.device)
-            if self.exclude_first:
-                real = real & (index > 0)
-            z = zscores(diff.float().norm(dim=-1), real, self.hparams.zscore_ddof)
-            if self._record is not None:
-                self._record[layer] = (z.detach(), real)
-            swap = select(z, self.alpha(layer))
-            if not swap.any():
-                return None                               # P everywhere: the module's own output
-            return torch.where(swap[..., None], out + diff.to(out.dtype), out)
-        return fn
+    def hooks_mode(self, mode: str) -> None:
+        """Set every hook layer to "validated" or "temporary"."""
+        if self.hparams.hook:
+            for l in self.layers:
+                self.hook(l).mode = mode
+
+    def edited_layers(self) -> set[int]:
+        return set(self.layers) if self.hparams.hook else super().edited_layers()
 
     @torch.no_grad()
-    def refresh_weights(self) -> None:
-        """With hooks the model keeps W₀; the hooks get W_h − W₀ = ΣΔ (float64 sum in step order)."""
+    def write_weight(self, layer: int) -> None:
+        """With hooks the model keeps W₀; the hook layer gets W_h − W₀ = ΣΔ (float64 sum in step order)."""
         if not self.hparams.hook:
-            return super().refresh_weights()
-        for layer in self.layers:
-            w = self._weight(layer)
-            total = self.history.delta(layer, w.shape, w.device)
-            edited = any(layer in s for s in self.history.steps)
-            if edited:
-                self._delta[layer] = total.to(w.dtype)
-            else:
-                self._delta.pop(layer, None)
+            return super().write_weight(layer)
+        w = self._weight(layer)
+        edited = any(layer in s for s in self.history.steps)
+        self.hook(layer).set_delta(self.history.delta(layer, w.shape, w.device).to(w.dtype) if edited else None)
 
     def disabled(self):
-        if self.hparams.hook:  # the hooks check `enabled`; the weights are W₀ anyway
+        if self.hparams.hook:  # the hook layers switch off; the weights are W₀ anyway
             return Editor.disabled(self)
         return super().disabled()
 
@@ -227,12 +188,15 @@ class COMEBA(MEMIT):
         if not self.hparams.hook:
             raise RuntimeError("z-scores exist only with hook layers (hook=True)")
         batch = encode(self.tokenizer, [self.prepare_prompt(p) for p in prompts], spans=spans).to(self.device)
-        self._record = {}
+        layers = {l: self.hook(l) for l in self.layers}
+        for h in layers.values():
+            h.recording, h.recorded = True, None
         try:
             self.layout.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            rec = {l: z for l, (z, _) in self._record.items()}
+            rec = {l: h.recorded[0] for l, h in layers.items() if h.recorded is not None}
         finally:
-            self._record = None
+            for h in layers.values():
+                h.recording, h.recorded = False, None
         return rec, batch
 
     def max_zscores(self, prompts: list[str]) -> torch.Tensor:
@@ -248,39 +212,31 @@ class COMEBA(MEMIT):
         return out
 
     # --- one consecutive editing step (§5.5) ---------------------------------------------------------------
-    def apply_edit(self, requests: list[EditRequest]) -> dict:
-        h = self.hparams
-        templates = [t for g in self.template_groups() for t in g]
-        for layer in self.layers:
-            self._mode[layer] = "validated"
-        targets = self.targets(requests, templates)   # on the model as currently hooked (α_{s−1})
-        z = targets.z[self.z_part]
-        last = self.layers[-1]
+    def prior_keys(self, layer: int) -> torch.Tensor | None:
+        """K′K′ᵀ for the consecutive update; None for the plain MEMIT rule."""
+        return self.accumulated_keys(layer) if self.hparams.update_rule == "consecutive" else None
+
+    def write_layer(self, layer: int, factors, K: torch.Tensor) -> None:
+        kt = K.detach().double().T.contiguous()
+        self.key_history.steps[-1][layer] = (kt, kt)
+        super().write_layer(layer, factors, K)
+        if self.hparams.hook:
+            self.hook(layer).mode = "validated"
+
+    def apply_edit(self, batch: EditBatch) -> dict:
+        h, requests = self.hparams, batch.requests
+        self.hooks_mode("validated")
+        targets = self.targets(requests, self.templates())   # on the model as currently hooked (α_{s−1})
         self.history.steps.append({})
         self.key_history.steps.append({})
-        residual_norms = []
         try:
-            for layer in self.layers:
-                self._mode[layer] = "temporary"
-            for i, layer in enumerate(self.layers):
-                C = self.covariance(layer)
-                K = self.keys(requests, layer)
-                cur = current_values(self, requests, self.z_part, last)
-                R = (z - cur) / self.divisor(len(self.layers) - i)
-                residual_norms.append(float(R.norm(dim=-1).mean()))
-                cov = h.mom2_update_weight * C.double()
-                if h.update_rule == "consecutive":
-                    cov = cov + self.accumulated_keys(layer)
-                self.history.steps[-1][layer] = self.fused(layer, closed_form(K, R, cov, 1.0))
-                kt = K.detach().double().T.contiguous()
-                self.key_history.steps[-1][layer] = (kt, kt)
-                self.refresh_weights()
-                self._mode[layer] = "validated"
+            self.hooks_mode("temporary")   # layers not yet updated output O everywhere
+            norms = self.spread(requests, targets.z[self.z_part], self.layers, part=self.z_part,
+                                top=self.layers[-1], lam=h.mom2_update_weight, spread=self.spread_rule)
         finally:
-            for layer in self.layers:
-                self._mode[layer] = "validated"
+            self.hooks_mode("validated")
         info = {"target_loss": float(targets.loss.mean()), "target_steps": targets.steps,
-                "residual_first": residual_norms[0], "residual_last": residual_norms[-1]}
+                "residual_first": norms[0], "residual_last": norms[-1]}
         if h.hook:
             info.update(self._update_alpha(requests))
         return info
@@ -322,8 +278,7 @@ class COMEBA(MEMIT):
         self.key_history.truncate(snap)
         self.alphas.truncate(snap)
         super().restore(snap)
-        for layer in self.layers:
-            self._mode[layer] = "validated"
+        self.hooks_mode("validated")
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         for name in ("key_history", "alphas"):
@@ -339,8 +294,7 @@ class COMEBA(MEMIT):
 
     def detach_hooks(self) -> None:
         """Remove the hook layers from the model (the model is then exactly the base model)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        if self.hparams.hook:
+        if self.hparams.hook and isinstance(self.layout.mlp_out(self.layers[0]), HookLayer):
+            for l in self.layers:
+                self.layout.eject(l, "mlp_out")
             self._mask.remove()

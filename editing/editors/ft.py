@@ -1,7 +1,8 @@
 """Fine-tuning baselines: FT-L, FT-M and FT-WD on the MLP output projection of chosen layers.
 
-The trainable state is one weight delta per edited layer, added to the projection's output through a
-hook (so `disabled()` is exact and a checkpoint holds only the deltas). Variants:
+The trainable state is one weight delta per edited layer, a `DeltaLinear` injected around the
+projection (`editing.tuners`: `print(editor.model)` shows it, `disabled()` switches it off exactly,
+`merge()` writes it into the base weight, and a checkpoint holds only the deltas). Variants:
 - FT-L (ROME's "constrained fine-tuning", Zhu et al. 2020): `objective="prompt_last"` (every target
   token's log-probability at the last prompt position) with an L-infinity bound `norm_constraint` on
   the change of each weight within an edit step.
@@ -13,16 +14,18 @@ loss falls below `early_stop_loss`. Steps accumulate (sequential editing, no rol
 """
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import Literal
 
-from editing import hooks
+import torch
+
+from editing.data.batch import EditBatch
 from editing.data.records import EditRequest
 from editing.editors.base import Editor
-from editing.layout import linear
 from editing.tokens import encode
+from editing.tuners import DeltaLinear
+from editing.validation import check_choice
 
-OBJECTIVES = ("target_tokens", "prompt_last")
+Objective = Literal["target_tokens", "prompt_last"]
 
 
 class FT(Editor):
@@ -41,29 +44,29 @@ class FT(Editor):
     method = "ft"
 
     def __init__(self, layers: list[int] = [-9], lr: float = 5e-4, steps: int = 25,
-                 objective: str = "target_tokens", norm_constraint: float | None = None,
+                 objective: Objective = "target_tokens", norm_constraint: float | None = None,
                  weight_decay: float = 0.0, early_stop_loss: float = 1e-2, **kwargs):
         super().__init__(**kwargs)
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        check_choice("objective", objective, Objective)
         if not layers:
             raise ValueError("FT needs at least one layer")
         self.layers = sorted({self.layout.layer_index(l) for l in layers})
-        self.deltas = nn.ParameterDict({
-            str(l): nn.Parameter(torch.zeros_like(self.layout.mlp_out_weight(l), dtype=torch.float32))
-            for l in self.layers})
         for l in self.layers:
-            hooks.attach_io(self.layout.mlp_out(l), self._adder(l))
+            self.inject(l, "mlp_out", DeltaLinear)
 
-    def _adder(self, layer: int):
-        module = self.layout.mlp_out(layer)
+    def delta(self, layer: int) -> torch.Tensor:
+        """Δ (out, in) of the edited projection of `layer` (the trainable parameter)."""
+        return self.layout.mlp_out(layer).delta
 
-        def fn(x: torch.Tensor, out: torch.Tensor):
-            if not self.enabled:
-                return None
-            delta = self.deltas[str(layer)]
-            return out + linear(module, x.to(delta.dtype), delta).to(out.dtype)
-        return fn
+    def merge(self) -> None:
+        """Write every delta into its base weight (the model is then a plain HF model with the edit);
+        `unmerge` restores the base weights exactly."""
+        for l in self.layers:
+            self.layout.mlp_out(l).merge()
+
+    def unmerge(self) -> None:
+        for l in self.layers:
+            self.layout.mlp_out(l).unmerge()
 
     def loss(self, requests: list[EditRequest]) -> torch.Tensor:
         prompts = [r.text for r in requests]
@@ -79,8 +82,9 @@ class FT(Editor):
         per_request = -tok.sum(1) / batch.target_mask.sum(1)
         return per_request.mean()
 
-    def apply_edit(self, requests: list[EditRequest]) -> dict:
-        params = [self.deltas[str(l)] for l in self.layers]
+    def apply_edit(self, batch: EditBatch) -> dict:
+        requests = batch.requests
+        params = [self.delta(l) for l in self.layers]
         start = [p.detach().clone() for p in params]
         opt_cls = torch.optim.AdamW if self.hparams.weight_decay > 0 else torch.optim.Adam
         opt = opt_cls(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

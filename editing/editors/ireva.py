@@ -34,39 +34,26 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from editing import hooks
+from editing.data.batch import EditBatch
 from editing.data.records import EditRequest, EvalCase
 from editing.data.samples import TokenPair, out_of_scope_samples, per_token_pairs
 from editing.editors.base import Editor
-from editing.metrics import arithmetic_mean, harmonic_mean
+from editing.metrics import EditMetrics, arithmetic_mean, harmonic_mean
 from editing.tokens import encode
+from editing.tuners import KeyValueAdaptor
+from editing.tuners.kv_adaptor import WithdrawMode, standardize
+from editing.validation import check_choice
 
-WITHDRAW_MODES = ("zero", "remove")
-EVAL_MODES = ("pairs", "sequence")
+EvalMode = Literal["pairs", "sequence"]
 # Activation families whose name the model config gives (layout.activation) -> the ACT2FN name used.
 _ACTIVATION_ALIASES = {"swish": "silu"}
-
-
-def standardize(x: torch.Tensor) -> torch.Tensor:
-    """Per vector over the last dim: (x − mean) / sqrt(unbiased variance + 1e-8) (official `rmsnorm`)."""
-    x = x.float()
-    return (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=True) + 1e-8)
-
-
-@dataclass
-class _Acting:
-    """Where and how the adaptor acts during one of the editor's own forwards."""
-
-    mask: torch.Tensor                         # [B, S] bool: positions that receive the adaptor
-    withdraw: torch.Tensor | None = None       # [B] long: edit index withdrawn for that row (-1: none)
-    train: tuple | None = None                 # (k [R, d], v [R, d], b [R]) neurons being trained, R in {1, B}
 
 
 class IReVa(Editor):
@@ -102,15 +89,13 @@ class IReVa(Editor):
                  betas: tuple[float, float] = (0.9, 0.99), weight_decay: float = 0.01,
                  rec_weight: float = 1e-3, irr_weight: float = 1e-3, parallel: bool = False,
                  max_pooling: bool = True, margin: bool = True, initialise: bool = True,
-                 withdraw_mode: str = "zero", eval_mode: str = "pairs", oos_other: int = 6,
+                 withdraw_mode: WithdrawMode = "zero", eval_mode: EvalMode = "pairs", oos_other: int = 6,
                  oos_bos: int = 2, oos_subject: int = 2, oos_max_length: int = 10, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         if len(layers) != 1:
             raise ValueError(f"iReVa adapts exactly one layer; got layers={layers}")
-        if withdraw_mode not in WITHDRAW_MODES:
-            raise ValueError(f"withdraw_mode must be one of {WITHDRAW_MODES}, got {withdraw_mode!r}")
-        if eval_mode not in EVAL_MODES:
-            raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
+        check_choice("withdraw_mode", withdraw_mode, WithdrawMode)
+        check_choice("eval_mode", eval_mode, EvalMode)
         if not 0.0 <= theta < 1.0:
             raise ValueError(f"theta is a cosine threshold in [0, 1), got {theta}")
         if retrofit and steps < 1:
@@ -123,96 +108,35 @@ class IReVa(Editor):
         if name not in ACT2FN:
             raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACT2FN)}")
         self.act = ACT2FN[name]
-        d = self.layout.hidden_size
-        self.register_buffer("keys", torch.zeros(d, 0))              # K̂ [d, n]
-        self.register_buffer("values", torch.zeros(0, d))            # V̂ [n, d]
-        self.register_buffer("shifts", torch.zeros(0))               # b [n]
-        self.register_buffer("neuron_edit", torch.zeros(0, dtype=torch.long))   # neuron -> edit index
-        self.register_buffer("neuron_token", torch.zeros(0, dtype=torch.long))  # neuron -> target token
         self.case_ids: list[str] = []     # edit index -> case id
         self._seen: list[EditRequest] = []  # requests edited so far (pool of "other prompts" for L_irr)
-        self._acting: _Acting | None = None
-        self._row_withdraw: torch.Tensor | None = None
-        self.hook_handle = None
-        self.attach()
+        self.inject(self.layer, "mlp", lambda mlp: KeyValueAdaptor(
+            mlp, self.layout.hidden_size, self.act, alpha, margin=margin, max_pooling=max_pooling,
+            withdraw_mode=withdraw_mode))
 
-    # --- the adaptor ---------------------------------------------------------------------------
+    # --- the adaptor (an injected `KeyValueAdaptor`) -----------------------------------------------
+    @property
+    def kv(self) -> KeyValueAdaptor:
+        """The key-value adaptor wrapping the adapted layer's MLP."""
+        return self.layout.mlp(self.layer)
+
+    keys = property(lambda self: self.kv.keys, doc="K̂ [d, n]")
+    values = property(lambda self: self.kv.values, doc="V̂ [n, d]")
+    shifts = property(lambda self: self.kv.shifts, doc="b [n]")
+    neuron_edit = property(lambda self: self.kv.neuron_edit, doc="neuron -> edit index")
+    neuron_token = property(lambda self: self.kv.neuron_token, doc="neuron -> target token index")
+
     @property
     def num_neurons(self) -> int:
-        return self.keys.shape[1]
-
-    def attach(self) -> None:
-        """(Re)attach the adaptor to the MLP of the adapted layer (`hook_handle.remove()` detaches)."""
-        if self.hook_handle is not None:
-            self.hook_handle.remove()
-        self.hook_handle = hooks.attach_io(self.layout.mlp(self.layer), self._hook)
+        return self.kv.num_neurons
 
     def adaptor(self, x_hat: torch.Tensor, withdraw: torch.Tensor | None = None,
                 train: tuple | None = None) -> torch.Tensor:
-        """α · adaptor output [N, d] for standardised inputs x_hat [N, d] (float32).
+        """α · adaptor output [N, d] for standardised inputs x_hat [N, d] (`KeyValueAdaptor.output`)."""
+        return self.kv.output(x_hat, withdraw, train)
 
-        `withdraw` [N]: per row, the edit index whose neurons are withdrawn (-1: none). `train`: the
-        neurons being trained, (k, v, b) each with 1 or N rows, added to the bank's output; the bank
-        is then summed (max-pooling is off in training)."""
-        h = self.hparams
-        out = torch.zeros_like(x_hat)
-        pooled = h.max_pooling and train is None
-        if self.num_neurons:
-            act = self.act(x_hat @ self.keys - (self.shifts if h.margin else 0.0))     # [N, n]
-            hit = None
-            if withdraw is not None:
-                hit = self.neuron_edit[None, :] == withdraw[:, None]                    # [N, n]
-            if pooled:
-                if hit is not None and h.withdraw_mode == "remove":
-                    act = act.masked_fill(hit, float("-inf"))
-                a, j = act.max(1)
-                if hit is not None:
-                    gone = ~torch.isfinite(a) | hit.gather(1, j[:, None])[:, 0]
-                    a = a.masked_fill(gone, 0.0)
-                out = a[:, None] * self.values[j]
-            else:
-                if hit is not None:
-                    act = act.masked_fill(hit, 0.0)
-                out = act @ self.values
-        if train is not None:
-            k, v, b = train
-            a = self.act((x_hat * k).sum(-1) - (b if h.margin else 0.0))
-            out = out + a[:, None] * v
-        return h.alpha * out
-
-    def _hook(self, x: torch.Tensor, out: torch.Tensor):
-        if not self.enabled:
-            return None
-        acting = self._acting
-        if self.num_neurons == 0 and (acting is None or acting.train is None):
-            return None
-        B, S = out.shape[:2]
-        if acting is not None:
-            mask = acting.mask.to(out.device)
-        else:  # a forward we do not drive: the last position, or the one new position when decoding
-            mask = torch.zeros(B, S, dtype=torch.bool, device=out.device)
-            mask[:, -1] = True
-        if mask.shape != (B, S):
-            raise ValueError(f"adaptor position mask {tuple(mask.shape)} does not fit the MLP output {(B, S)}")
-        rows, cols = mask.nonzero(as_tuple=True)
-        withdraw = train = None
-        if acting is not None and acting.withdraw is not None:
-            withdraw = acting.withdraw.to(out.device)[rows]
-        if acting is not None and acting.train is not None:
-            train = tuple(t if t.shape[0] == 1 else t[rows] for t in acting.train)
-        delta = self.adaptor(standardize(x[rows, cols]), withdraw, train)
-        return out.index_put((rows, cols), delta.to(out.dtype), accumulate=True)
-
-    @contextmanager
-    def acting(self, mask: torch.Tensor, withdraw: torch.Tensor | None = None,
-               train: tuple | None = None) -> Iterator[None]:
-        """The adaptor acts at `mask` [B, S] (bool) in forwards inside the context."""
-        before = self._acting
-        self._acting = _Acting(mask, withdraw, train)
-        try:
-            yield
-        finally:
-            self._acting = before
+    def acting(self, mask: torch.Tensor, withdraw: torch.Tensor | None = None, train: tuple | None = None):
+        return self.kv.acting(mask, withdraw, train)
 
     @staticmethod
     def _one_hot(positions: torch.Tensor, width: int) -> torch.Tensor:
@@ -229,24 +153,16 @@ class IReVa(Editor):
         lay = self.layout
         mods = {"block": lay.block(self.layer)} if block_input else {}
         with torch.no_grad(), self.disabled(), hooks.capture(mods, "input") as whole, \
-                hooks.capture({"x": lay.mlp(self.layer)}, "input", positions=last) as at, \
-                hooks.stop_after(lay.mlp(self.layer)):
-            try:
-                lay.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            except hooks.StopForward:
-                pass
+                hooks.capture({"x": lay.mlp(self.layer)}, "input", positions=last) as at:
+            hooks.run_until(lay.backbone, lay.mlp(self.layer), input_ids=input_ids, attention_mask=attention_mask,
+                            use_cache=False)
         return at["x"].float(), whole.get("block")
 
     def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        S = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(seqs), S), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), S), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = 1
+        """Right-padded ids, attention mask and each row's last position."""
+        enc = self.tokenizer.pad({"input_ids": seqs}, padding_side="right", return_tensors="pt")
         last = torch.tensor([len(s) - 1 for s in seqs])
-        return ids.to(self.device), mask.to(self.device), last.to(self.device)
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), last.to(self.device)
 
     # --- editing ---------------------------------------------------------------------------------
     def pairs(self, request: EditRequest) -> list[TokenPair]:
@@ -257,14 +173,6 @@ class IReVa(Editor):
         if case_id not in self.case_ids:
             self.case_ids.append(case_id)
         return self.case_ids.index(case_id)
-
-    def _append(self, k: torch.Tensor, v: torch.Tensor, b: torch.Tensor, edit: list[int], token: list[int]) -> None:
-        dev = self.keys.device
-        self.keys = torch.cat([self.keys, k.detach().float().t().to(dev)], 1)
-        self.values = torch.cat([self.values, v.detach().float().to(dev)], 0)
-        self.shifts = torch.cat([self.shifts, b.detach().float().to(dev)], 0)
-        self.neuron_edit = torch.cat([self.neuron_edit, torch.tensor(edit, dtype=torch.long, device=dev)])
-        self.neuron_token = torch.cat([self.neuron_token, torch.tensor(token, dtype=torch.long, device=dev)])
 
     def _initial(self, x_hat: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """k̂⁰, v̂⁰, b for standardised inputs [P, d] and target tokens [P]."""
@@ -279,7 +187,8 @@ class IReVa(Editor):
         b = self.hparams.theta * (k * k).sum(-1)
         return k, v, b
 
-    def apply_edit(self, requests: list[EditRequest]) -> dict:
+    def apply_edit(self, batch: EditBatch) -> dict:
+        requests = batch.requests
         pairs = [p for r in requests for p in self.pairs(r)]
         ids, mask, last = self._pad([p.input_ids for p in pairs])
         labels = torch.tensor([p.label for p in pairs], device=self.device)
@@ -290,21 +199,21 @@ class IReVa(Editor):
         token = [p.position for p in pairs]
         info = {"neurons_added": len(pairs)}
         if not self.hparams.retrofit:
-            self._append(k0, v0, b, edit, token)
+            self.kv.append(k0, v0, b, edit, token)
         else:
             owner = {r.case_id: i for i, r in enumerate(requests)}
-            oos = self._out_of_scope(requests) if self.hparams.irr_weight > 0 else None
+            oos = self._out_of_scope(requests, batch.pool) if self.hparams.irr_weight > 0 else None
             pair_oos = None if oos is None else [oos[owner[p.case_id]] for p in pairs]
             if self.hparams.parallel:
                 k, v, losses = self._retrofit(torch.arange(len(pairs), device=self.device), ids, mask, last,
                                               h_in, x_hat, labels, k0, v0, b, pair_oos)
-                self._append(k, v, b, edit, token)
+                self.kv.append(k, v, b, edit, token)
             else:
                 losses = []
                 for i in range(len(pairs)):  # exact order: each neuron sees all earlier ones
                     rows = torch.tensor([i], device=self.device)
                     k, v, loss = self._retrofit(rows, ids, mask, last, h_in, x_hat, labels, k0, v0, b, pair_oos)
-                    self._append(k, v, b[rows], edit[i:i + 1], token[i:i + 1])
+                    self.kv.append(k, v, b[rows], edit[i:i + 1], token[i:i + 1])
                     losses.append(loss)
                 losses = torch.cat(losses)
             info["loss"] = float(losses.mean())
@@ -341,13 +250,12 @@ class IReVa(Editor):
             opt.step()
         return k.detach(), v.detach(), per_row.detach()
 
-    def _out_of_scope(self, requests: list[EditRequest]) -> list[torch.Tensor]:
-        """Per request, the standardised MLP inputs [n_out, d] of its out-of-scope texts."""
+    def _out_of_scope(self, requests: list[EditRequest], pool: list[EditRequest] | None = None) -> list[torch.Tensor]:
+        """Per request, the standardised MLP inputs [n_out, d] of its out-of-scope texts. Other edits'
+        prompts come from `pool` (the benchmark's requests, `EditBatch.pool`), else from the requests
+        edited so far and this step's."""
         h = self.hparams
-        pool = list(self._seen) + list(requests)
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        if dm is not None and hasattr(dm, "requests"):
-            pool = list(dm.requests)
+        pool = list(pool) if pool else list(self._seen) + list(requests)
         texts, owner = [], []
         for i, r in enumerate(requests):
             length = random.Random(f"{h.seed}:{r.case_id}:length").randint(2, h.oos_max_length)
@@ -364,15 +272,11 @@ class IReVa(Editor):
         return [x[owner_t == i] for i in range(len(requests))]
 
     # --- state: snapshot, checkpoints ---------------------------------------------------------------
-    _BANK = ("keys", "values", "shifts", "neuron_edit", "neuron_token")
-
     def snapshot(self):
-        return {"bank": {n: getattr(self, n).clone() for n in self._BANK}, "case_ids": list(self.case_ids),
-                "seen": len(self._seen)}
+        return {"bank": self.kv.bank(), "case_ids": list(self.case_ids), "seen": len(self._seen)}
 
     def restore(self, snap) -> None:
-        for n, t in snap["bank"].items():
-            setattr(self, n, t.clone())
+        self.kv.load_bank(snap["bank"])
         self.case_ids = list(snap["case_ids"])
         del self._seen[snap["seen"]:]
 
@@ -384,11 +288,7 @@ class IReVa(Editor):
             raise RuntimeError("this checkpoint holds no iReVa adaptor")
         if meta.get("layer", self.layer) != self.layer:
             raise RuntimeError(f"this adaptor was made at layer {meta['layer']}, this editor adapts layer {self.layer}")
-        n, d, dev = int(meta["num_neurons"]), self.layout.hidden_size, self.keys.device
-        self.keys, self.values = torch.zeros(d, n, device=dev), torch.zeros(n, d, device=dev)
-        self.shifts = torch.zeros(n, device=dev)
-        self.neuron_edit = torch.zeros(n, dtype=torch.long, device=dev)
-        self.neuron_token = torch.zeros(n, dtype=torch.long, device=dev)
+        self.kv.resize(int(meta["num_neurons"]))
         self.case_ids = list(meta["case_ids"])
 
     # --- traceability ----------------------------------------------------------------------------
@@ -403,20 +303,11 @@ class IReVa(Editor):
         ("remove"); returns the number of neurons affected. Unknown case ids are an error."""
         case_ids = [case_ids] if isinstance(case_ids, str) else list(case_ids)
         mode = mode or self.hparams.withdraw_mode
-        if mode not in WITHDRAW_MODES:
-            raise ValueError(f"withdraw mode must be one of {WITHDRAW_MODES}, got {mode!r}")
+        check_choice("withdraw mode", mode, WithdrawMode)
         unknown = [c for c in case_ids if c not in self.case_ids]
         if unknown:
             raise KeyError(f"no edit with case id(s) {unknown}")
-        idx = torch.tensor([self.case_ids.index(c) for c in case_ids], device=self.keys.device)
-        hit = torch.isin(self.neuron_edit, idx)
-        if mode == "zero":
-            self.values = self.values.masked_fill(hit[:, None], 0.0)
-        else:
-            keep = ~hit
-            self.keys, self.values, self.shifts = self.keys[:, keep], self.values[keep], self.shifts[keep]
-            self.neuron_edit, self.neuron_token = self.neuron_edit[keep], self.neuron_token[keep]
-        return int(hit.sum())
+        return self.kv.withdraw(torch.tensor([self.case_ids.index(c) for c in case_ids]), mode)
 
     @contextmanager
     def withdrawn(self, case_ids: list[str] | str, mode: str | None = None) -> Iterator[None]:
@@ -428,18 +319,9 @@ class IReVa(Editor):
         finally:
             self.restore(snap)
 
-    @contextmanager
-    def _withdrawing_rows(self, withdraw: torch.Tensor | None) -> Iterator[None]:
-        before = self._row_withdraw
-        self._row_withdraw = withdraw
-        try:
-            yield
-        finally:
-            self._row_withdraw = before
-
     # --- scoring -----------------------------------------------------------------------------------
     def logits_at(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  positions: torch.Tensor) -> torch.Tensor:
+                  positions: torch.Tensor, withdraw: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, K, V] at positions [B, K] with the adaptor acting at the scored positions:
         "pairs": each position in its own forward (the pair prompt + target[:k], adaptor at its last
         token); the blocks below the adapted layer run once per row. "sequence": all positions in one
@@ -451,7 +333,6 @@ class IReVa(Editor):
         # Padded target entries repeat position 0 of their row's target positions; skip them.
         valid = torch.ones_like(positions, dtype=torch.bool)
         valid[:, 1:] = positions[:, 1:] > positions[:, :1]
-        withdraw = self._row_withdraw
         if self.hparams.eval_mode == "sequence":
             mask = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
             r, c = valid.nonzero(as_tuple=True)
@@ -482,8 +363,7 @@ class IReVa(Editor):
     def _predictions(self, prompts: list[str], targets: list[str],
                      withdraw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced argmax ids [B, T] at the target positions and the target mask."""
-        with self._withdrawing_rows(withdraw):
-            lp, batch = self.target_logprobs(prompts, targets)
+        lp, batch = self.target_logprobs(prompts, targets, withdraw=withdraw)
         return lp.argmax(-1).cpu(), batch.target_mask.cpu()
 
     @torch.no_grad()
@@ -514,21 +394,17 @@ class IReVa(Editor):
         return {"retrieve_success": 100.0 * changed.float().mean().item(),
                 "consistency": 100.0 * consistent.float().mean().item()}
 
-    def update_metrics(self, cases: list[EvalCase]) -> None:
-        super().update_metrics(cases)
+    def update_extra_metrics(self, cases: list[EvalCase], metrics: EditMetrics) -> None:
         changed, consistent, keep = self.withdrawal_outcomes([c.request for c in cases])
         if changed.numel():
             groups = torch.tensor([cases[i].index for i in keep.tolist()])
-            self.metrics.update_withdrawal(changed, consistent, groups)
+            metrics.update_withdrawal(changed, consistent, groups)
 
-    def evaluate(self, cases, style: str = "counterfact") -> dict:
-        values = super().evaluate(cases, style)
-        return {**values, **ireva_scores(values)}
+    def derived_scores(self, values: dict) -> dict:
+        return ireva_scores(values)
 
-    def results(self, values: dict, eval_seconds: float) -> dict:
-        report = super().results(values, eval_seconds)
-        report["ireva"] = {**ireva_scores(values), "neurons": self.num_neurons, "layer": self.layer}
-        return report
+    def report_extras(self, values: dict) -> dict:
+        return {"ireva": {**ireva_scores(values), "neurons": self.num_neurons, "layer": self.layer}}
 
 
 def ireva_scores(values: dict) -> dict:

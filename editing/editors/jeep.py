@@ -35,21 +35,17 @@ weight history covers MLP output projections only.
 """
 from __future__ import annotations
 
-import math
+from typing import Literal, get_args
 
+from editing.data.batch import EditBatch
 from editing.data.records import EditRequest
-from editing.editors.locate import (DeltaSite, LocateEditor, TargetConfig, closed_form, compute_keys,
-                                    current_values)
+from editing.editors.locate import DeltaSite, LocateEditor, TargetConfig
+from editing.editors.locate.spread import Spread
+from editing.validation import check_choice
 
-MODES = ("paper", "code")
-OPTIMISE = ("joint", "separate", "low", "high")
-UPDATE = ("both", "low", "high")
-SPREADS = ("sqrt", "even")
-
-
-def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+Mode = Literal["paper", "code"]
+Optimise = Literal["joint", "separate", "low", "high"]
+Update = Literal["both", "low", "high"]
 
 
 class JEEP(LocateEditor):
@@ -71,17 +67,17 @@ class JEEP(LocateEditor):
     method = "jeep"
 
     def __init__(self, layers: list[int] = [3, 4, 5, 6, 7], high_layers: list[int] = [22, 23],
-                 mode: str = "paper", mom2_update_weight: float = 1000.0, high_mom2_update_weight: float = 1000.0,
+                 mode: Mode = "paper", mom2_update_weight: float = 1000.0, high_mom2_update_weight: float = 1000.0,
                  clamp_norm_factor: float = 0.75, high_clamp_norm_factor: float = 0.25,
                  v_weight_decay: float = 0.5, high_v_weight_decay: float = 0.5, kl_factor: float = 0.0625,
                  v_steps: int = 30, v_lr: float = 0.5, v_min_prob: float | None = 0.9,
-                 optimise: str = "joint", update_regions: str = "both", low_spread: str = "sqrt",
-                 high_spread: str = "even", **kwargs):
-        _choice("mode", mode, MODES)
-        _choice("optimise", optimise, OPTIMISE)
-        _choice("update_regions", update_regions, UPDATE)
-        _choice("low_spread", low_spread, SPREADS)
-        _choice("high_spread", high_spread, SPREADS)
+                 optimise: Optimise = "joint", update_regions: Update = "both", low_spread: Spread = "sqrt",
+                 high_spread: Spread = "even", **kwargs):
+        check_choice("mode", mode, Mode)
+        check_choice("optimise", optimise, Optimise)
+        check_choice("update_regions", update_regions, Update)
+        check_choice("low_spread", low_spread, Spread)
+        check_choice("high_spread", high_spread, Spread)
         if optimise in ("low", "high") and update_regions != optimise:
             raise ValueError(f"optimise={optimise!r} computes only the {optimise} target: update_regions must be "
                              f"{optimise!r}")
@@ -126,32 +122,22 @@ class JEEP(LocateEditor):
 
     # --- the region updates (steps 2 and 3) -------------------------------------------------------
     def update_region(self, region: str, requests: list[EditRequest], z) -> list[float]:
-        """Write the region's target into its layers, lowest first; returns the mean residual norm
-        (after spreading) per layer."""
+        """Write the region's target into its layers, lowest first (the core's `spread_update`);
+        returns the mean residual norm (after spreading) per layer."""
         h = self.hparams
-        layers = self.low if region == "low" else self.high
-        lam = h.mom2_update_weight if region == "low" else h.high_mom2_update_weight
-        spread = h.low_spread if region == "low" else h.high_spread
         site = self.site(region)
         # paper: z and the current value in the same space; code: the output of W_out at the top layer
         # of the region (for the high region that mixes z's attention space with the MLP's)
-        cur_part = site.part if h.mode == "paper" else "mlp"
-        groups = self.template_groups()
-        norms = []
-        for i, layer in enumerate(layers):
-            C = self.covariance(layer)
-            K = compute_keys(self, requests, layer, groups, site.position)
-            cur = current_values(self, requests, cur_part, site.layer, site.position)
-            left = len(layers) - i
-            R = (z - cur) / (math.sqrt(left) if spread == "sqrt" else float(left))
-            norms.append(float(R.norm(dim=-1).mean()))
-            self.history.steps[-1][layer] = self.fused(layer, closed_form(K, R, C, lam))
-            self.refresh_weights()  # later layers (and the high region) see this one's update
-        return norms
+        return self.spread(requests, z, self.low if region == "low" else self.high,
+                           part=site.part if h.mode == "paper" else "mlp", top=site.layer,
+                           lam=h.mom2_update_weight if region == "low" else h.high_mom2_update_weight,
+                           spread=h.low_spread if region == "low" else h.high_spread,
+                           key_position=site.position, value_position=site.position)
 
-    def apply_edit(self, requests: list[EditRequest]) -> dict:
+    def apply_edit(self, batch: EditBatch) -> dict:
+        requests = batch.requests
         h = self.hparams
-        templates = [t for g in self.template_groups() for t in g]
+        templates = self.templates()
         info: dict = {}
         self.history.steps.append({})
         if h.optimise == "separate":

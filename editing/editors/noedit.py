@@ -1,7 +1,7 @@
 """The unedited baseline: evaluation of the base model as it is."""
 from __future__ import annotations
 
-from editing.data.records import EditRequest
+from editing.data.batch import EditBatch
 from editing.editors.base import Editor
 
 
@@ -10,5 +10,5 @@ class NoEdit(Editor):
 
     method = "noedit"
 
-    def apply_edit(self, requests: list[EditRequest]) -> dict:
+    def apply_edit(self, batch: EditBatch) -> dict:
         return {}

@@ -9,7 +9,7 @@ class PMET(MEMIT):
     method = "pmet"
     target_parts = ("attn_out", "mlp")
     z_part = "mlp"
-    spread = "sqrt"
+    spread_rule = "sqrt"
 
     def __init__(self, kl_factor: float = 1.0, **kwargs):
         super().__init__(kl_factor=kl_factor, **kwargs)

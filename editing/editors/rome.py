@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from editing.data.batch import EditBatch
 from editing.data.records import EditRequest
-from editing.editors.locate import LocateEditor, compute_keys, compute_targets, current_values
+from editing.editors.locate import LocateEditor, compute_keys
 
 
 class ROME(LocateEditor):
@@ -25,23 +26,27 @@ class ROME(LocateEditor):
         super().__init__(layers=layers, template_spec=template_spec, v_steps=v_steps,
                          clamp_norm_factor=clamp_norm_factor, **kwargs)
 
-    def apply_edit(self, requests: list[EditRequest]) -> dict:
+    def _keys_over(self, requests: list[EditRequest], layer: int, groups: list[list[str]]):
+        return compute_keys(self.layout, self.tokenizer, requests, layer, groups, self.hparams.key_position)
+
+    def apply_edit(self, batch: EditBatch) -> dict:
+        requests = batch.requests
         layer = self.layers[0]
-        flat = [t for g in self.template_groups() for t in g]
+        flat = self.templates()
         self.history.steps.append({})
         losses = []
         for r in requests:
-            targets = compute_targets(self, [r], self.target_config(), flat)
+            targets = self.targets([r], flat)
             v = targets.z["mlp"][0].double()
-            k_star = compute_keys(self, [r], layer, [flat], self.hparams.key_position)[0].double()
+            k_star = self._keys_over([r], layer, [flat])[0].double()
             if self.hparams.mom2_adjustment:
                 u = torch.linalg.solve(self.covariance(layer).double(), k_star)
             else:
                 u = k_star
             u = u / u.norm()
-            k = compute_keys(self, [r], layer, [["{}"]], self.hparams.key_position)[0].double() \
+            k = self._keys_over([r], layer, [["{}"]])[0].double() \
                 if self.hparams.bare_key else k_star
-            wk = current_values(self, [r], "mlp", layer)[0].double()
+            wk = self.values([r], "mlp", layer)[0].double()
             right = (v - wk) / (k @ u)
             step = self.history.steps[-1]
             entry = self.fused(layer, (right[:, None], u[:, None]), index=len(losses))
@@ -50,6 +55,6 @@ class ROME(LocateEditor):
             else:               # plain: the step's Δ stays one low-rank factor pair
                 a, b = step.get(layer, (right.new_zeros(right.shape[0], 0), u.new_zeros(u.shape[0], 0)))
                 step[layer] = (torch.cat([a, right[:, None]], 1), torch.cat([b, u[:, None]], 1))
-            self.refresh_weights()
+            self.refresh_weights([layer])
             losses.append(float(targets.loss.mean()))
         return {"target_loss": sum(losses) / len(losses)}

@@ -1,0 +1,60 @@
+"""Keys k and current values of the locate-then-edit core (../shared/METHODS.md §2.2)."""
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+
+from editing import hooks
+from editing.data.records import EditRequest
+from editing.editors.locate.templates import fill, filled
+from editing.layout import Layout
+from editing.tokens import encode
+
+Position = Literal["subject_last", "prompt_last"]
+POSITIONS: tuple[str, ...] = get_args(Position)
+Part = Literal["block", "mlp", "attn_out"]
+
+
+def check_position(position: str) -> None:
+    if position not in POSITIONS:
+        raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+
+
+@torch.no_grad()
+def compute_keys(layout: Layout, tokenizer, requests: list[EditRequest], layer: int, groups: list[list[str]],
+                 position: Position = "subject_last") -> torch.Tensor:
+    """k [u, d_ff]: the input of the MLP output projection of `layer` at the subject's last token (or
+    the prompt's last token), mean within each template group, then mean over groups. One forward
+    for all requests and templates, stopping after `layer`."""
+    check_position(position)
+    texts, spans, owner, group_of = filled(requests, groups)
+    batch = encode(tokenizer, texts, spans=spans).to(layout.device)
+    pos = batch.subject_last if position == "subject_last" else batch.prompt_last
+    with hooks.capture({"k": layout.mlp_out(layer)}, "input", positions=pos) as cap:
+        hooks.run_until(layout.backbone, layout.block(layer), input_ids=batch.input_ids,
+                        attention_mask=batch.attention_mask, use_cache=False)
+    k = cap["k"].float()
+    owner_t, group_t = torch.tensor(owner, device=k.device), torch.tensor(group_of, device=k.device)
+    out = torch.zeros(len(requests), k.shape[1], device=k.device)
+    for g in range(len(groups)):
+        sel = group_t == g
+        sums = torch.zeros_like(out).index_add_(0, owner_t[sel], k[sel])
+        counts = torch.bincount(owner_t[sel], minlength=len(requests)).clamp(min=1)
+        out += sums / counts[:, None]
+    return out / len(groups)
+
+
+@torch.no_grad()
+def current_values(layout: Layout, tokenizer, requests: list[EditRequest], part: Part, layer: int,
+                   position: Position = "subject_last") -> torch.Tensor:
+    """The output of `part` at `layer` at the subject's last token (or the prompt's last token) of
+    each bare prompt [u, d]."""
+    check_position(position)
+    texts, spans = zip(*(fill("{}", r) for r in requests))
+    batch = encode(tokenizer, list(texts), spans=list(spans)).to(layout.device)
+    pos = batch.subject_last if position == "subject_last" else batch.prompt_last
+    with hooks.capture({"v": layout.part(layer, part)}, "output", positions=pos) as cap:
+        hooks.run_until(layout.backbone, layout.block(layer), input_ids=batch.input_ids,
+                        attention_mask=batch.attention_mask, use_cache=False)
+    return cap["v"].float()

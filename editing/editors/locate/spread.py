@@ -1,0 +1,66 @@
+"""The closed form and its spreading over layers (../shared/METHODS.md §2.5, §2.7): the one layer
+loop of MEMIT, PMET, AdaPLE, JEEP and COMEBA-HK.
+
+Symbols as in the MEMIT paper and code: keys K [u, d_ff] and residuals R [u, d] as rows (one per
+request), C [d_ff, d_ff] the key covariance E[kkᵀ], λ its weight, Δ [d, d_ff] the update of an
+output projection stored (out, in), returned as factors (left [d, u], right [d_ff, u]) with
+Δ = left @ rightᵀ.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import torch
+
+Spread = Literal["even", "sqrt"]
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+
+def closed_form(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float, key_weight: float = 1.0,
+                prior: torch.Tensor | None = None) -> Factors:
+    """Δ = R Kᵀ (λC + K′K′ᵀ + w K Kᵀ)⁻¹ in float64 by a linear solve: the minimiser of
+    w‖Δ Kᵀ − Rᵀ/w‖² + λ tr(Δ C Δᵀ) (+ tr(Δ K′K′ᵀ Δᵀ) with `prior` = K′K′ᵀ [d_ff, d_ff], the keys of
+    earlier steps, COMEBA-HK's consecutive update). w = `key_weight`: 1 for MEMIT, 2 for AdaPLE.
+    Returns (left [d, u], right [d_ff, u]) = (Rᵀ, (λC + K′K′ᵀ + wKᵀK)⁻¹ Kᵀ)."""
+    K64, R64, C64 = K.double(), R.double(), C.double().to(K.device)
+    A = lam * C64
+    if prior is not None:
+        A = A + prior.to(A)
+    A = A + key_weight * (K64.T @ K64)
+    right = torch.linalg.solve(A, K64.T)          # [d_ff, u]
+    return R64.T.contiguous(), right
+
+
+def divisor(spread: Spread, remaining: int) -> float:
+    """The share of the residual a layer takes with `remaining` layers left (itself included):
+    1/remaining ("even", MEMIT) or 1/√remaining ("sqrt", PMET)."""
+    if spread not in ("even", "sqrt"):
+        raise ValueError(f"spread must be 'even' or 'sqrt', got {spread!r}")
+    return float(remaining) if spread == "even" else math.sqrt(remaining)
+
+
+def spread_update(layers: list[int], z: torch.Tensor, *, keys: Callable[[int], torch.Tensor],
+                  current: Callable[[], torch.Tensor], covariance: Callable[[int], torch.Tensor],
+                  write: Callable[[int, Factors, torch.Tensor], None], lam: float, spread: Spread = "even",
+                  key_weight: float = 1.0,
+                  layer_residual: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                  prior: Callable[[int], torch.Tensor | None] | None = None) -> list[float]:
+    """Write the target z [u, d] into `layers`, lowest first. At layer ℓ with n layers left:
+
+        C = covariance(ℓ);  K = keys(ℓ)            (on the model with every lower layer updated)
+        r = (z − current()) / divisor(spread, n)     (current(): the value z is measured against)
+        R = layer_residual(ℓ, K, r)                  (default r; AdaPLE subtracts 2·KWᵀ)
+        write(ℓ, closed_form(K, R, C, λ, w, prior(ℓ)), K)
+
+    `write` must update layer ℓ (and only what ℓ changes) before the next layer's keys are taken.
+    Returns the mean residual norm ‖R‖ of each layer."""
+    norms = []
+    for i, layer in enumerate(layers):
+        C = covariance(layer)
+        K = keys(layer)
+        r = (z - current()) / divisor(spread, len(layers) - i)
+        R = r if layer_residual is None else layer_residual(layer, K, r)
+        norms.append(float(R.norm(dim=-1).mean()))
+        write(layer, closed_form(K, R, C, lam, key_weight, None if prior is None else prior(layer)), K)
+    return norms

@@ -1,0 +1,179 @@
+"""Scoring an editor: teacher-forced prompt statistics, greedy generation, the metric updates of one
+evaluation, and the Lightning `Callback` that writes results.json and prints the table.
+
+The editor supplies only what its edit changes about a forward: `editor.logits_at(ids, mask,
+positions, **scoring)` (the LM head at the scored positions, with the edit acting; iReVa places its
+adaptor there) and `editor.disabled()` (the unedited model). Everything else lives here, so editors
+never read the trainer or the DataModule; the callback reads both.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+from editing.data.records import EvalCase
+from editing.io import write_json_atomic
+from editing.metrics import EditMetrics, PromptStats
+from editing.tokens import encode
+
+UNCHANGED_KINDS = ("neighborhood", "locality")
+
+
+def target_logprobs(editor, prompts: list[str], targets: list[str], **scoring) -> tuple[torch.Tensor, Any]:
+    """Log-probabilities [B, T, V] at the target positions of prompt+target, and the batch."""
+    batch = encode(editor.tokenizer, [editor.prepare_prompt(p) for p in prompts], targets).to(editor.device)
+    logits = editor.logits_at(batch.input_ids, batch.attention_mask, batch.target_positions, **scoring)
+    return F.log_softmax(logits.float(), dim=-1), batch
+
+
+def _pad(x: torch.Tensor, T: int) -> torch.Tensor:
+    """Right-pad dim 1 to T with zeros (False for bool), on the CPU."""
+    x = x.cpu()
+    if x.shape[1] >= T:
+        return x
+    return torch.cat([x, x.new_zeros((x.shape[0], T - x.shape[1]))], dim=1)
+
+
+@torch.no_grad()
+def score_prompts(editor, cases: list[EvalCase], batch_size: int = 64) -> PromptStats:
+    """Teacher-forced statistics of every prompt of every case (see `editing.metrics`): one forward per
+    chunk for targets and contrasts together, and the unedited model's predictions where locality is
+    measured."""
+    items = [(c.index, p) for c in cases for p in c.prompts]
+    chunk = max(1, batch_size)
+    kinds, groups, correct, mask, tgt_lp, con_lp, pred, base_pred = [], [], [], [], [], [], [], []
+    for s in range(0, len(items), chunk):
+        part = items[s:s + chunk]
+        prompts = [p.prompt for _, p in part]
+        with_contrast = [i for i, (_, p) in enumerate(part) if p.contrast is not None]
+        all_prompts = prompts + [prompts[i] for i in with_contrast]
+        all_targets = [p.target for _, p in part] + [part[i][1].contrast for i in with_contrast]
+        lp, batch = target_logprobs(editor, all_prompts, all_targets)
+        n = len(part)
+        tok_lp = lp.gather(-1, batch.target_ids[..., None]).squeeze(-1) * batch.target_mask
+        mean_lp = tok_lp.sum(1) / batch.target_mask.sum(1).clamp(min=1)
+        argmax = lp.argmax(-1)
+        c_lp = torch.full((n,), float("nan"), device=lp.device)
+        if with_contrast:
+            c_lp[torch.tensor(with_contrast, device=lp.device)] = mean_lp[n:]
+        T = batch.target_ids.shape[1]
+        kinds += [p.kind for _, p in part]
+        groups.append(torch.tensor([g for g, _ in part]))
+        correct.append(_pad(argmax[:n] == batch.target_ids[:n], T))
+        mask.append(_pad(batch.target_mask[:n], T))
+        tgt_lp.append(mean_lp[:n].cpu())
+        con_lp.append(c_lp.cpu())
+        pred.append(_pad(argmax[:n], T))
+        base = torch.full((n, T), -1, dtype=torch.long)
+        rows = [i for i, (_, p) in enumerate(part) if p.kind in UNCHANGED_KINDS]
+        if rows:
+            with editor.disabled():
+                base_lp, _ = target_logprobs(editor, [prompts[i] for i in rows], [part[i][1].target for i in rows])
+            base[rows] = _pad(base_lp.argmax(-1), T)
+        base_pred.append(base)
+    T = max(x.shape[1] for x in correct)
+    cat = lambda xs: torch.cat([_pad(x, T) for x in xs])
+    return PromptStats(kinds=kinds, groups=torch.cat(groups), correct=cat(correct), mask=cat(mask),
+                       target_logprob=torch.cat(tgt_lp), contrast_logprob=torch.cat(con_lp), pred=cat(pred),
+                       base_pred=cat(base_pred))
+
+
+@torch.no_grad()
+def generate(editor, prompts: list[str], max_new_tokens: int = 30, **kwargs) -> list[str]:
+    """Greedy continuations of the prompts by the edited model (left-padded, one batch)."""
+    tok = editor.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok([editor.prepare_prompt(p) for p in prompts], return_tensors="pt", padding=True).to(editor.device)
+    finally:
+        tok.padding_side = side
+    kwargs.setdefault("do_sample", False)
+    out = editor.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs)
+    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+class Evaluation:
+    """One evaluation of one editor: the metrics of a style, updated case batch by case batch."""
+
+    def __init__(self, editor, style: str = "counterfact"):
+        self.editor = editor
+        self.metrics = EditMetrics(style).to(editor.device)
+        self.started = time.perf_counter()
+
+    def update(self, cases: list[EvalCase]) -> None:
+        ed, h = self.editor, self.editor.hparams
+        self.metrics.update(score_prompts(ed, cases, h.forward_batch_size))
+        if h.fluency:
+            prompts = [p for c in cases for p in c.request.generation_prompts]
+            if prompts:
+                texts = generate(ed, prompts, max_new_tokens=h.fluency_tokens)
+                self.metrics.update_fluency([ed.tokenizer(t)["input_ids"] for t in texts])
+        ed.update_extra_metrics(cases, self.metrics)
+
+    def compute(self) -> dict:
+        """Percentages (synchronised across ranks by torchmetrics: call on every rank)."""
+        return self.metrics.compute()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def evaluate(editor, cases: list, style: str = "counterfact") -> dict:
+    """Metrics (percentages) of the editor over the cases (EditRequests are turned into cases), with
+    the editor's own derived scores (e.g. iReVa's ES/PS/NS)."""
+    cases = [c if isinstance(c, EvalCase) else EvalCase.from_request(c, i) for i, c in enumerate(cases)]
+    ev = Evaluation(editor, style)
+    chunk = max(1, editor.hparams.forward_batch_size // 8)
+    for s in range(0, len(cases), chunk):
+        ev.update(cases[s:s + chunk])
+    values = ev.compute()
+    return {**values, **editor.derived_scores(values)}
+
+
+def report(editor, values: dict, eval_seconds: float, datamodule=None, world_size: int = 1) -> dict:
+    """The results.json document of one evaluation."""
+    dm = datamodule
+    edited = sum(len(e["cases"]) for e in editor.edit_log)
+    return {
+        "method": editor.method,
+        "model": editor.hparams.base_model,
+        "data": dm.description if dm is not None else None,
+        "num_edits": edited if edited else (dm.num_selected if dm is not None else 0),
+        "edit_batch_size": dm.hparams.edit_batch_size if dm is not None else None,
+        "timing": {"edit": float(sum(e["seconds"] for e in editor.edit_log)), "evaluate": eval_seconds},
+        "metrics": values,
+        "definitions": editor.evaluation.metrics.definitions(),
+        "config": {"model": dict(editor.hparams), "data": dict(dm.hparams) if dm is not None else None},
+        "world_size": world_size,
+        **editor.report_extras(values),
+    }
+
+
+class EvaluationReport(pl.Callback):
+    """Runs the evaluation of `trainer.test`: sets up the editor's `Evaluation` with the DataModule's
+    style, logs the metrics, writes <run dir>/<results_name> atomically and prints the table."""
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module) -> None:
+        dm = trainer.datamodule
+        pl_module.evaluation = Evaluation(pl_module, dm.style if dm is not None else "counterfact")
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        ev = pl_module.evaluation
+        values = ev.compute()
+        seconds = ev.seconds
+        pl_module.log_dict({f"test/{k}": float(v) for k, v in values.items()}, rank_zero_only=True)
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: every rank
+        if trainer.is_global_zero:
+            doc = report(pl_module, values, seconds, trainer.datamodule, trainer.world_size)
+            path = run_dir / pl_module.hparams.results_name
+            write_json_atomic(doc, path)
+            from editing.report import markdown_table
+            print(markdown_table([doc]))
+            print(f"results: {path}")
