@@ -1,5 +1,5 @@
 """iReVa inference overhead (issue 4; paper App. 10.4): greedy generation of 64 tokens from BOS with
-a KV cache, by the unedited model (adaptor hook detached) and by iReVa with 0 / 100 / 1000 neurons,
+a KV cache, by the unedited model (adaptor module ejected) and by iReVa with 0 / 100 / 1000 neurons,
 all in the same process, rounds interleaved so that machine load hits every setting alike.
 
     python benchmarks/ireva_overhead.py --neurons 0 100 1000 --tokens 64 --rounds 7 \
@@ -25,9 +25,7 @@ from editing.editors import IReVa
 
 def cut(editor: IReVa, n: int, full: dict) -> None:
     """Keep the first n neurons of the full bank."""
-    editor.keys = full["keys"][:, :n].clone()
-    for name in ("values", "shifts", "neuron_edit", "neuron_token"):
-        setattr(editor, name, full[name][:n].clone())
+    editor.kv.load_bank({name: t[:, :n] if name == "keys" else t[:n] for name, t in full.items()})
 
 
 def main() -> None:
@@ -55,7 +53,7 @@ def main() -> None:
     for s in range(0, len(requests), 64):
         editor.edit(requests[s:s + 64])
     insert_s = time.perf_counter() - start
-    full = {n: getattr(editor, n).clone() for n in IReVa._BANK}
+    full = editor.kv.bank()
     bos = editor.tokenizer.bos_token_id if editor.tokenizer.bos_token_id is not None else editor.tokenizer.eos_token_id
     ids = torch.tensor([[bos]])
 
@@ -73,13 +71,13 @@ def main() -> None:
     generate()  # warm-up
     for _ in range(args.rounds):
         for s in settings:
-            if s == "unedited":
-                editor.hook_handle.remove()
+            if s == "unedited":   # the adaptor module taken out of the model, put back afterwards
+                adaptor = editor.layout.eject(editor.layer, "mlp")
             else:
                 cut(editor, int(s.split("_")[1]), full)
             times[s].append(generate())
             if s == "unedited":
-                editor.attach()
+                editor.layout.inject(editor.layer, "mlp", lambda mlp: adaptor)
     base = statistics.median(times["unedited"])
     rows = [{"setting": s, "neurons": 0 if s == "unedited" else int(s.split("_")[1]),
              "median_s": statistics.median(v), "min_s": min(v), "ratio": statistics.median(v) / base}

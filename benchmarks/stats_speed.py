@@ -32,6 +32,7 @@ from editing import hooks, stats  # noqa: E402
 from editing.corpus import DEFAULT_CORPUS, load_corpus  # noqa: E402
 from editing.layout import Layout  # noqa: E402
 from editing.models import load  # noqa: E402
+from editing.tokens import pad_right  # noqa: E402
 
 
 def count_tokens(tok, texts: list[str], max_length: int) -> int:
@@ -44,25 +45,15 @@ def per_layer(model, tok, layers: list[int], texts: list[str], max_length: int, 
     """The per-layer approach: one float32 pass over the texts for each layer."""
     lay = Layout(model)
     enc = tok(texts, truncation=True, max_length=max_length)["input_ids"]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out = {}
     for l in layers:
         acc = torch.zeros(lay.mlp_key_size(l), lay.mlp_key_size(l), dtype=torch.float64)
         n = 0
         for batch in stats._batches([len(e) for e in enc], batch_tokens):
-            width = len(enc[batch[0]])
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, i in enumerate(batch):
-                ids[r, : len(enc[i])] = torch.tensor(enc[i])
-                mask[r, : len(enc[i])] = 1
+            ids, mask = pad_right(tok, [enc[i] for i in batch])
             with hooks.capture({l: lay.mlp_out(l)}, "input") as cap:
                 if stop:
-                    with hooks.stop_after(lay.block(l)):
-                        try:
-                            model(input_ids=ids, attention_mask=mask, use_cache=False)
-                        except hooks.StopForward:
-                            pass
+                    hooks.run_until(model, lay.block(l), input_ids=ids, attention_mask=mask, use_cache=False)
                 else:
                     model(input_ids=ids, attention_mask=mask, use_cache=False)
             k = cap[l][mask.bool()].float()

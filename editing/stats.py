@@ -13,7 +13,7 @@ are independent of batching: texts are right-padded and the pad positions droppe
 mask.
 
 Computation. One pass over the corpus serves every requested layer, and the forward stops right
-after the highest of them (`hooks.stop_after`): upper blocks and the LM head never run. Texts are
+after the highest of them (`hooks.run_until`): upper blocks and the LM head never run. Texts are
 sorted by length and packed into batches of at most `batch_tokens` padded tokens. Per batch, the
 selected keys K (tokens × d_ff) give KᵀK, added to a float64 accumulator; the token count is an
 int. KᵀK is a float32 matmul, except after a bfloat16 forward on a CPU, where the keys already are
@@ -43,8 +43,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -53,6 +51,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from editing import hooks
+from editing.io import atomic_path
+from editing.tokens import pad_right
 from editing.corpus import DEFAULT_CORPUS, corpus_id, load_corpus
 from editing.layout import Layout
 from editing.models import cache_dir, fingerprint
@@ -102,18 +102,8 @@ def load_cached(path: Path) -> tuple[torch.Tensor, dict] | None:
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 @contextlib.contextmanager
@@ -254,7 +244,6 @@ def _accumulate(model, lay: Layout, tokenizer, layers: list[int], texts: list[st
     enc = [e for e in enc if len(e) > 0]
     device = next(model.parameters()).device
     products = products or _products_dtype(dtype, device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sums = {l: torch.zeros(lay.mlp_key_size(l), lay.mlp_key_size(l), dtype=torch.float64, device=device)
             for l in layers}
     count = 0
@@ -263,21 +252,13 @@ def _accumulate(model, lay: Layout, tokenizer, layers: list[int], texts: list[st
     bar = tqdm(total=len(texts), desc=f"statistics layers {layers}", disable=not progress, unit="text")
     try:
         with forward_precision(model, dtype, mode), \
-                hooks.capture({l: lay.mlp_out(l) for l in layers}, "input") as cap, \
-                hooks.stop_after(lay.block(layers[-1])):
+                hooks.capture({l: lay.mlp_out(l) for l in layers}, "input") as cap:
             for batch in _batches([len(e) for e in enc], batch_tokens):
-                width = len(enc[batch[0]])
-                ids = torch.full((len(batch), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for r, i in enumerate(batch):
-                    ids[r, : len(enc[i])] = torch.tensor(enc[i])
-                    mask[r, : len(enc[i])] = 1
+                ids, mask = pad_right(tokenizer, [enc[i] for i in batch])
                 ids, mask = ids.to(device), mask.to(device)
                 cap.clear()
-                try:
-                    lay.backbone(input_ids=ids, attention_mask=mask, use_cache=False)
-                except hooks.StopForward:
-                    pass
+                hooks.run_until(lay.backbone, lay.block(layers[-1]), input_ids=ids, attention_mask=mask,
+                                use_cache=False)
                 keep = mask.bool()
                 with torch.autocast(device.type, enabled=False):  # products in `products` exactly
                     for l in layers:

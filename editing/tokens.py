@@ -100,15 +100,11 @@ def encode(tokenizer, prompts: list[str], targets: list[str | None] | None = Non
     B = len(rows_ids)
     S = max(len(r) for r in rows_ids)
     T = max([len(t) for _, t in tgt] + [1])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((B, S), pad, dtype=torch.long)
-    attention_mask = torch.zeros((B, S), dtype=torch.long)
+    input_ids, attention_mask = pad_right(tokenizer, rows_ids)
     target_ids = torch.zeros((B, T), dtype=torch.long)
     target_mask = torch.zeros((B, T), dtype=torch.bool)
     target_positions = torch.zeros((B, T), dtype=torch.long)
-    for i, ids in enumerate(rows_ids):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention_mask[i, : len(ids)] = 1
+    for i in range(B):
         start, t_ids = tgt[i]
         if t_ids:
             target_ids[i, : len(t_ids)] = torch.tensor(t_ids)
@@ -116,6 +112,18 @@ def encode(tokenizer, prompts: list[str], targets: list[str | None] | None = Non
             target_positions[i, : len(t_ids)] = torch.arange(start - 1, start - 1 + len(t_ids))
     return TargetBatch(input_ids, attention_mask, torch.tensor(prompt_last), target_ids, target_mask,
                        target_positions, torch.tensor(span_last) if spans is not None else None)
+
+
+def pad_right(tokenizer, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, S] and attention mask [B, S] of token id lists (`tokenizer.pad`; a
+    tokenizer without a pad token gets id 0 there, which the mask hides)."""
+    if tokenizer.pad_token_id is not None:
+        enc = tokenizer.pad({"input_ids": seqs}, padding_side="right", return_attention_mask=True,
+                            return_tensors="pt")
+        return enc["input_ids"].long(), enc["attention_mask"].long()
+    S = max(len(s) for s in seqs)
+    return (torch.tensor([list(s) + [0] * (S - len(s)) for s in seqs], dtype=torch.long),
+            torch.tensor([[1] * len(s) + [0] * (S - len(s)) for s in seqs], dtype=torch.long))
 
 
 def find_subject(text: str, subject: str) -> tuple[int, int]:

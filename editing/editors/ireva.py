@@ -46,7 +46,7 @@ from editing.data.records import EditRequest, EvalCase
 from editing.data.samples import TokenPair, out_of_scope_samples, per_token_pairs
 from editing.editors.base import Editor
 from editing.metrics import EditMetrics, arithmetic_mean, harmonic_mean
-from editing.tokens import encode
+from editing.tokens import encode, pad_right
 from editing.tuners import KeyValueAdaptor
 from editing.tuners.kv_adaptor import WithdrawMode, standardize
 from editing.validation import check_choice
@@ -160,9 +160,9 @@ class IReVa(Editor):
 
     def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded ids, attention mask and each row's last position."""
-        enc = self.tokenizer.pad({"input_ids": seqs}, padding_side="right", return_tensors="pt")
+        ids, mask = pad_right(self.tokenizer, seqs)
         last = torch.tensor([len(s) - 1 for s in seqs])
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), last.to(self.device)
+        return ids.to(self.device), mask.to(self.device), last.to(self.device)
 
     # --- editing ---------------------------------------------------------------------------------
     def pairs(self, request: EditRequest) -> list[TokenPair]:

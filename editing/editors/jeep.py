@@ -35,7 +35,7 @@ weight history covers MLP output projections only.
 """
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal
 
 from editing.data.batch import EditBatch
 from editing.data.records import EditRequest
