@@ -1,16 +1,11 @@
 """iReVa: initialising and retrofitting key-value adaptors for traceable model editing.
 
 (../shared/METHODS.md §3; ../shared/papers/ireva.md.) One layer l's MLP gains a bank of "knowledge
-neurons", one per edited *token*:
-
-    MLP(x) + α · V̂ᵀ g(K̂ᵀ x̂ − b)          at the last prompt position only,
-
-with x̂ the MLP input standardised per token (zero mean, unit unbiased variance, no affine), K̂ [d, n]
-the keys (columns), V̂ [n, d] the values (rows), g the base model's activation (gelu_new for GPT
-models; SiLU for Llama-style models, which the paper does not specify: unverified) and the margin
-b_j = θ‖k̂⁰_j‖² of the official code (a neuron fires roughly when cos(k̂_j, x̂) > θ; the paper's literal
-"x − θ" would fire on everything). At inference only the neuron with the largest activation
-contributes (max-pooling); in training all earlier neurons are summed.
+neurons", one per edited *token*: MLP(x) + α · V̂ᵀ g(K̂ᵀ x̂ − b), the `KeyValueAdaptor` injected
+around the MLP (`editing.tuners.kv_adaptor`; x̂ standardised per token, max-pooling at inference).
+g is the base model's activation (gelu_new for GPT models; SiLU for Llama-style models, which the
+paper does not specify: unverified); the margin b_j = θ‖k̂⁰_j‖² is the official code's (a neuron
+fires roughly when cos(k̂_j, x̂) > θ; the paper's literal "x − θ" would fire on everything).
 
 Per-token edits: a target of m tokens becomes m pairs prompt + target[:j] → target[j]
 (`editing.data.samples.per_token_pairs`), each with its own neuron, initialised with the key k̂⁰ =
@@ -140,9 +135,7 @@ class IReVa(Editor):
 
     @staticmethod
     def _one_hot(positions: torch.Tensor, width: int) -> torch.Tensor:
-        mask = torch.zeros(positions.shape[0], width, dtype=torch.bool, device=positions.device)
-        mask[torch.arange(positions.shape[0], device=positions.device), positions] = True
-        return mask
+        return F.one_hot(positions, width).bool()
 
     # --- states of the base model ----------------------------------------------------------------
     def _states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last: torch.Tensor,
