@@ -98,7 +98,6 @@ def encode(tokenizer, prompts: list[str], targets: list[str | None] | None = Non
         prompt_last.append(n_prompt - 1)
         tgt.append((n_prompt, tgt_ids))
     B = len(rows_ids)
-    S = max(len(r) for r in rows_ids)
     T = max([len(t) for _, t in tgt] + [1])
     input_ids, attention_mask = pad_right(tokenizer, rows_ids)
     target_ids = torch.zeros((B, T), dtype=torch.long)

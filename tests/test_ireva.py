@@ -58,26 +58,26 @@ def test_fresh_neuron_raises_target_probability(tiny_dirs, family):
         editor.model(input_ids=ids)
     k = standardize(cap["x"][0, -1])
     d = k.numel()
-    assert torch.allclose(editor.keys[:, 0], k, atol=1e-5)
-    assert torch.equal(editor.values[0], editor.layout.unembedding[pairs[0].label].float())
-    assert math.isclose(float(editor.shifts[0]), 0.75 * (d - 1), rel_tol=1e-4)
+    assert torch.allclose(editor.kv.keys[:, 0], k, atol=1e-5)
+    assert torch.equal(editor.kv.values[0], editor.layout.unembedding[pairs[0].label].float())
+    assert math.isclose(float(editor.kv.shifts[0]), 0.75 * (d - 1), rel_tol=1e-4)
     assert editor.layout.activation in ("gelu_new", "silu")
 
 
 def test_adaptor_math_margin_and_silence(tiny_gpt2):
     editor = make(tiny_gpt2, alpha=0.2, theta=0.75)
     editor.edit([REQS[1]])
-    k, v, b = editor.keys[:, 0], editor.values[0], editor.shifts[0]
+    k, v, b = editor.kv.keys[:, 0], editor.kv.values[0], editor.kv.shifts[0]
     d = k.numel()
     # On its own input the pre-activation is (1−θ)(d−1) and the output α·g(that)·v.
-    out = editor.adaptor(k[None])
+    out = editor.kv.output(k[None])
     expected = 0.2 * editor.act(torch.tensor((1 - 0.75) * (d - 1))) * v
     assert torch.allclose(out[0], expected, rtol=1e-4, atol=1e-5)
     # An input at cosine < θ: GeLU of a very negative number, i.e. nothing.
     other = standardize(torch.randn(1, d))
     other = standardize(other - (other @ k) / (k @ k) * k)  # orthogonal to the key
     assert other @ k < 0.75 * (d - 1)
-    assert editor.adaptor(other).abs().max() < 1e-8
+    assert editor.kv.output(other).abs().max() < 1e-8
     # ... and the model's predictions on an unrelated prompt are untouched.
     edited = last_logprobs(editor, UNRELATED)
     with editor.disabled():
@@ -87,7 +87,7 @@ def test_adaptor_math_margin_and_silence(tiny_gpt2):
     # use a slightly aligned input).
     editor.kv.margin = False
     slight = standardize(other + 0.2 * k / k.norm() * math.sqrt(d))
-    assert editor.adaptor(slight).abs().max() > 1e-3
+    assert editor.kv.output(slight).abs().max() > 1e-3
 
 
 def test_max_pooling_picks_the_best_matching_neuron(tiny_gpt2):
@@ -95,16 +95,16 @@ def test_max_pooling_picks_the_best_matching_neuron(tiny_gpt2):
     editor.edit(REQS)  # five neurons: 4 + 1 + 2 target tokens? whatever the tokenizer gives
     n = editor.num_neurons
     assert n >= 3
-    x = editor.keys[:, 2].clone()
-    x = standardize(x + 0.3 * editor.keys[:, 0])  # closest to neuron 2, some overlap with 0
-    scores = x @ editor.keys - editor.shifts
+    x = editor.kv.keys[:, 2].clone()
+    x = standardize(x + 0.3 * editor.kv.keys[:, 0])  # closest to neuron 2, some overlap with 0
+    scores = x @ editor.kv.keys - editor.kv.shifts
     j = int(scores.argmax())
     assert j == 2
-    pooled = editor.adaptor(x[None])[0]
-    assert torch.allclose(pooled, 0.5 * editor.act(scores[2]) * editor.values[2], atol=1e-5)
+    pooled = editor.kv.output(x[None])[0]
+    assert torch.allclose(pooled, 0.5 * editor.act(scores[2]) * editor.kv.values[2], atol=1e-5)
     editor.kv.max_pooling = False  # ablation: every neuron's activated output summed
-    summed = editor.adaptor(x[None])[0]
-    assert torch.allclose(summed, 0.5 * editor.act(scores) @ editor.values, atol=1e-5)
+    summed = editor.kv.output(x[None])[0]
+    assert torch.allclose(summed, 0.5 * editor.act(scores) @ editor.kv.values, atol=1e-5)
 
 
 def test_per_token_pairs_and_neuron_index(tiny_gpt2):
@@ -122,13 +122,13 @@ def test_per_token_pairs_and_neuron_index(tiny_gpt2):
     editor.edit([r])
     idx = editor.neurons_of("a")
     assert editor.case_ids == ["b", "a"]
-    assert editor.neuron_token[idx].tolist() == list(range(len(pairs)))
-    assert (editor.neuron_edit[idx] == 1).all()
+    assert editor.kv.neuron_token[idx].tolist() == list(range(len(pairs)))
+    assert (editor.kv.neuron_edit[idx] == 1).all()
     # Every pair's key is its own prefix's state (one neuron per target token).
     for j, p in enumerate(pairs):
         with torch.no_grad(), hooks.capture({"x": editor.layout.mlp(editor.layer)}, "input") as cap:
             editor.model(input_ids=torch.tensor([p.input_ids]))
-        assert torch.allclose(editor.keys[:, idx[j]], standardize(cap["x"][0, -1]), atol=1e-5)
+        assert torch.allclose(editor.kv.keys[:, idx[j]], standardize(cap["x"][0, -1]), atol=1e-5)
 
 
 def test_pair_scoring_equals_separate_forwards(tiny_llama):
@@ -230,7 +230,7 @@ def test_checkpoint_round_trip(tiny_gpt2, tmp_path):
     other = make(tiny_gpt2, alpha=2.0)
     other.load_edit(path)
     for name in ("keys", "values", "shifts", "neuron_edit", "neuron_token"):
-        assert torch.equal(getattr(other, name), getattr(editor, name))
+        assert torch.equal(getattr(other.kv, name), getattr(editor.kv, name))
     assert other.case_ids == editor.case_ids
     assert torch.equal(last_logprobs(other, REQS[0].text), last_logprobs(editor, REQS[0].text))
     assert torch.equal(other.neurons_of("b"), editor.neurons_of("b"))
@@ -255,7 +255,7 @@ def test_failed_step_leaves_the_adaptor_unchanged(tiny_gpt2, monkeypatch):
     with pytest.raises(EditError, match="boom"):
         editor.edit([REQS[0]])
     for name, t in before["bank"].items():
-        assert torch.equal(getattr(editor, name), t)
+        assert torch.equal(getattr(editor.kv, name), t)
     assert editor.case_ids == before["case_ids"]
 
 
@@ -268,12 +268,12 @@ def test_retrofitting_lowers_the_edit_loss_and_parallel_matches_for_one_pair(tin
     p = retro.pairs(r)[0]
     text = p.input_ids
     assert last_logprobs(retro, text)[p.label] > last_logprobs(plain, text)[p.label]
-    assert retro.keys.shape == plain.keys.shape and not torch.equal(retro.values, plain.values)
+    assert retro.kv.keys.shape == plain.kv.keys.shape and not torch.equal(retro.kv.values, plain.kv.values)
     # With one pair in the step, parallel training is the same computation as the sequential order.
     par = make(tiny_llama, alpha=0.2, retrofit=True, irr_weight=0.0, parallel=True)
     par.edit([r])
     assert len(retro.pairs(r)) == 1
-    assert torch.allclose(par.values, retro.values, atol=1e-6) and torch.allclose(par.keys, retro.keys, atol=1e-6)
+    assert torch.allclose(par.kv.values, retro.kv.values, atol=1e-6) and torch.allclose(par.kv.keys, retro.kv.keys, atol=1e-6)
 
 
 def test_irrelevance_loss_uses_out_of_scope_states(tiny_gpt2):

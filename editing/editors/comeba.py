@@ -52,8 +52,10 @@ from editing.editors.locate import EditHistory, fill
 from editing.editors.memit import MEMIT
 from editing.tokens import encode
 from editing.tuners import HookLayer
-from editing.tuners.hook_layer import max_zscore_bound, select, zscores  # noqa: F401 (re-exported)
+from editing.tuners.hook_layer import max_zscore_bound, select, zscores
 from editing.validation import check_choice
+
+__all__ = ["COMEBA", "AlphaHistory", "max_zscore_bound", "select", "zscores"]
 
 UpdateRule = Literal["consecutive", "memit"]
 AlphaMode = Literal["dynamic", "fixed"]

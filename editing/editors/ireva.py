@@ -115,23 +115,9 @@ class IReVa(Editor):
         """The key-value adaptor wrapping the adapted layer's MLP."""
         return self.layout.mlp(self.layer)
 
-    keys = property(lambda self: self.kv.keys, doc="K̂ [d, n]")
-    values = property(lambda self: self.kv.values, doc="V̂ [n, d]")
-    shifts = property(lambda self: self.kv.shifts, doc="b [n]")
-    neuron_edit = property(lambda self: self.kv.neuron_edit, doc="neuron -> edit index")
-    neuron_token = property(lambda self: self.kv.neuron_token, doc="neuron -> target token index")
-
     @property
     def num_neurons(self) -> int:
         return self.kv.num_neurons
-
-    def adaptor(self, x_hat: torch.Tensor, withdraw: torch.Tensor | None = None,
-                train: tuple | None = None) -> torch.Tensor:
-        """α · adaptor output [N, d] for standardised inputs x_hat [N, d] (`KeyValueAdaptor.output`)."""
-        return self.kv.output(x_hat, withdraw, train)
-
-    def acting(self, mask: torch.Tensor, withdraw: torch.Tensor | None = None, train: tuple | None = None):
-        return self.kv.acting(mask, withdraw, train)
 
     @staticmethod
     def _one_hot(positions: torch.Tensor, width: int) -> torch.Tensor:
@@ -229,7 +215,7 @@ class IReVa(Editor):
         per_row = torch.zeros(len(rows), device=self.device)
         for _ in range(h.steps):
             opt.zero_grad(set_to_none=True)
-            with self.acting(act_mask, train=(k, v, br)):
+            with self.kv.acting(act_mask, train=(k, v, br)):
                 hidden = self.layout.run_from(self.layer, h_in[rows, :width], mask[rows, :width])
             logits = self.layout.lm_head(hooks.gather_at(hidden, last[rows])).float()
             per_row = F.cross_entropy(logits, labels[rows], reduction="none")
@@ -288,8 +274,8 @@ class IReVa(Editor):
     def neurons_of(self, case_id: str) -> torch.Tensor:
         """Indices of the neurons that serve the edit `case_id` (empty if it was never edited)."""
         if case_id not in self.case_ids:
-            return torch.zeros(0, dtype=torch.long, device=self.keys.device)
-        return (self.neuron_edit == self.case_ids.index(case_id)).nonzero().squeeze(1)
+            return torch.zeros(0, dtype=torch.long, device=self.kv.keys.device)
+        return (self.kv.neuron_edit == self.case_ids.index(case_id)).nonzero().squeeze(1)
 
     def withdraw(self, case_ids: list[str] | str, mode: str | None = None) -> int:
         """Withdraw edits for good: zero their neurons' values ("zero") or remove the neurons
@@ -330,7 +316,7 @@ class IReVa(Editor):
             mask = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
             r, c = valid.nonzero(as_tuple=True)
             mask[r, positions[r, c]] = True
-            with self.acting(mask, withdraw):
+            with self.kv.acting(mask, withdraw):
                 hidden = lay.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
             return lay.lm_head(hooks.gather_at(hidden, positions))
         width = int(positions.max()) + 1
@@ -344,7 +330,7 @@ class IReVa(Editor):
             rr, pp = r[s:s + chunk], pos[s:s + chunk]
             w = int(pp.max()) + 1
             wd = None if withdraw is None else withdraw.to(rr.device)[rr]
-            with self.acting(self._one_hot(pp, w), wd):
+            with self.kv.acting(self._one_hot(pp, w), wd):
                 hidden = lay.run_from(self.layer, h_in[rr, :w], am[rr, :w])
             part = lay.lm_head(hooks.gather_at(hidden, pp))
             if logits is None:
