@@ -19,6 +19,10 @@ def test_edit_steps_and_cases():
     assert dm.style == "counterfact"
     assert len(dm.eval_cases()) == 7
     assert [len(b) for b in dm.train_dataloader()] == [3, 3, 1]
+    # an edit step carries what an editor needs: the style and the out-of-scope pool
+    from editing.data.batch import EditBatch
+    assert all(isinstance(b, EditBatch) and b.style == "counterfact" and b.pool == dm.requests
+               for b in dm.train_dataloader())
     one = EditDataModule(num_edits=7, edit_batch_size=-1)
     assert [len(s) for s in one.edit_steps()] == [7]
     seq = EditDataModule(num_edits=4, edit_batch_size=1)

@@ -21,6 +21,9 @@ class EditBatch:
     def __len__(self) -> int:
         return len(self.requests)
 
+    def __iter__(self):
+        return iter(self.requests)
+
     @property
     def case_ids(self) -> list[str]:
         return [r.case_id for r in self.requests]

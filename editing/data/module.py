@@ -6,6 +6,7 @@ import random
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from editing.data.batch import EditBatch
 from editing.data.readers import load_benchmark
 from editing.data.records import Benchmark, EditRequest, EvalCase
 
@@ -127,11 +128,13 @@ class EditDataModule(pl.LightningDataModule):
         return self.benchmark.name
 
     # --- edit steps ------------------------------------------------------------------------------
-    def edit_steps(self) -> list[list[EditRequest]]:
+    def edit_steps(self) -> list[EditBatch]:
+        """The edit steps in order, each an `EditBatch` with the benchmark's style and, as the
+        out-of-scope pool, every selected request."""
         self.setup()
         n = self.hparams.edit_batch_size
         n = len(self.requests) if n == -1 else n
-        return [self.requests[i:i + n] for i in range(0, len(self.requests), n)]
+        return [EditBatch(self.requests[i:i + n], self.style, self.requests) for i in range(0, len(self.requests), n)]
 
     def eval_cases(self) -> list[EvalCase]:
         self.setup()
