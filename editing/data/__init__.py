@@ -12,7 +12,8 @@ __all__ = ["Benchmark", "DataError", "EditRequest", "EvalCase", "EvalPrompt", "l
 
 
 def __getattr__(name: str) -> Any:
-    # Imported lazily so that `python -m editing.data.pararel` does not find its module already loaded.
+    # Imported lazily so that `python -m editing.data.pararel` (the builder's command line) does not
+    # find its module already loaded by the package (runpy warns then). There is no import cycle.
     if name == "build_pararel":
         from editing.data.pararel import build_pararel
         return build_pararel

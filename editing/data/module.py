@@ -7,7 +7,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from editing.data.batch import EditBatch
-from editing.data.readers import load_benchmark
+from editing.data.readers import Format, Kind, load_benchmark
 from editing.data.records import Benchmark, EditRequest, EvalCase
 
 
@@ -79,7 +79,7 @@ class EditDataModule(pl.LightningDataModule):
             iReVa's zsRE trigger " Answer:" (None: the prompts as read).
     """
 
-    def __init__(self, path: str | None = None, format: str | None = None, kind: str = "counterfactual",
+    def __init__(self, path: str | None = None, format: Format | None = None, kind: Kind = "counterfactual",
                  split: str = "train", num_edits: int = 50, seed: int = 0, shuffle: bool = False,
                  edit_batch_size: int = 1, eval_batch_size: int = 8, prompt_suffix: str | None = None):
         super().__init__()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from editing.data.readers import read_json_lines, write_jsonl
+from editing.data.jsonio import read_json_lines, write_jsonl
 from editing.data.records import Benchmark, DataError, EditRequest
 
 KIND_STYLE = {"counterfactual": "counterfact", "factual": "zsre"}

@@ -8,17 +8,20 @@ the file, the record index and the field.
 """
 from __future__ import annotations
 
-import json
-import os
-import uuid
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args
 
+from editing.data.jsonio import is_header, read_json_lines, read_json_list, write_jsonl
 from editing.data.records import STYLES, Benchmark, DataError, EditRequest
 
-FORMATS: tuple[str, ...] = ("counterfact", "zsre", "jsonl", "pararel", "hf")
-KINDS: tuple[str, ...] = ("counterfactual", "factual")
+__all__ = ["load_benchmark", "read_counterfact", "read_zsre", "read_jsonl", "read_json", "read_hf", "read_json_lines",
+           "read_json_list", "write_jsonl", "detect_format", "convert", "FORMATS"]
+
+Format = Literal["counterfact", "zsre", "jsonl", "pararel", "hf"]
+FORMATS: tuple[str, ...] = get_args(Format)
+Kind = Literal["counterfactual", "factual"]   # the shipped ParaRel sets
+KINDS: tuple[str, ...] = get_args(Kind)
 SHIPPED_DIR = Path(__file__).parent / "benchmarks"
 
 _FIELDS = {f.name for f in fields(EditRequest)}
@@ -186,45 +189,6 @@ def infer_style(requests: list[EditRequest]) -> str:
     return "counterfact" if cf else "zsre"
 
 
-# --- files ------------------------------------------------------------------------------------------
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read the file ({e})", file=str(path)) from e
-
-
-def read_json_list(path: str | Path) -> list[Any]:
-    """A JSON file holding a list of records."""
-    path = Path(path)
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError as e:
-        raise DataError(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})", file=str(path)) from e
-    if not isinstance(data, list):
-        raise DataError(f"expected a JSON list of records, got {type(data).__name__}", file=str(path))
-    return data
-
-
-def read_json_lines(path: str | Path) -> list[Any]:
-    """One JSON value per non-empty line; a bad line names its record index and line number."""
-    path = Path(path)
-    rows: list[Any] = []
-    for n, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            record = len(rows) - (1 if rows and _is_header(rows[0]) else 0)
-            raise DataError(f"line {n} is not valid JSON ({e.msg})", file=str(path), record=record) from e
-    return rows
-
-
-def _is_header(obj: Any) -> bool:
-    return isinstance(obj, dict) and set(obj) == {"benchmark"}
-
-
 def read_json(path: str | Path, layout: str | None = None) -> Benchmark:
     """A JSON list of records in `layout` (None: detected from the first record)."""
     path = Path(path)
@@ -249,7 +213,7 @@ def read_jsonl(path: str | Path) -> Benchmark:
     path = Path(path)
     rows = read_json_lines(path)
     header: dict[str, Any] = {}
-    if rows and _is_header(rows[0]):
+    if rows and is_header(rows[0]):
         header = rows.pop(0)["benchmark"]
         at = Where(str(path))
         if not isinstance(header, dict):
@@ -261,22 +225,6 @@ def read_jsonl(path: str | Path) -> Benchmark:
     requests = convert(rows, "jsonl", str(path))
     style = header.get("style") or infer_style(requests)
     return Benchmark(header.get("name") or path.stem, style, requests, str(path))
-
-
-def write_jsonl(benchmark: Benchmark, path: str | Path) -> Path:
-    """Write a benchmark in the toolkit's layout, atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
-            f.write(json.dumps({"benchmark": {"name": benchmark.name, "style": benchmark.style}}) + "\n")
-            for r in benchmark.requests:
-                f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 # --- Hugging Face datasets --------------------------------------------------------------------------
@@ -327,7 +275,7 @@ def detect_format(path: str | Path) -> str:
     return "hf"
 
 
-def load_benchmark(path: str | Path | None = None, format: str | None = None, kind: str = "counterfactual",
+def load_benchmark(path: str | Path | None = None, format: Format | None = None, kind: Kind = "counterfactual",
                    split: str = "train", seed: int = 0) -> Benchmark:
     """Read a benchmark.
 

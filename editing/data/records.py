@@ -8,13 +8,14 @@ the contrasting one.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Style = Literal["counterfact", "zsre"]
-STYLES: tuple[str, ...] = ("counterfact", "zsre")
+STYLES: tuple[str, ...] = get_args(Style)
 
 # Evaluation prompt kinds, in report order.
-KINDS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood", "locality")
+PromptKind = Literal["rewrite", "paraphrase", "neighborhood", "locality"]
+KINDS: tuple[str, ...] = get_args(PromptKind)
 
 
 class DataError(ValueError):
