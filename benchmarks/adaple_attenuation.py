@@ -14,7 +14,6 @@ Writes <out>.json (all curves), <out>.md (final table) and <out>.png (retention 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from _common import sequence_parser
 from editing.data import load_benchmark
 from editing.editors import MEMIT, PMET, ROME, AdaPLE
 
@@ -84,9 +84,7 @@ def cosine_study(requests, args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=10)
+    ap = sequence_parser(n=200, batch=10)
     ap.add_argument("--every", type=int, default=1)
     ap.add_argument("--methods", nargs="*", default=["adaple", "pmet", "memit", "rome"])
     ap.add_argument("--no-dr-variants", action="store_true", help="only each method's default fusion")

@@ -3,18 +3,11 @@
 # counterfactual benchmark, SmolLM2-135M, sequential editing. Prints the merged table and the wall
 # time of each run; writes benchmarks/results/baseline.md and baseline.png.
 #   bash benchmarks/baseline.sh [N]
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 N=${1:-50}
-OUT=benchmarks/results
-RUNS=runs/baseline
-rm -rf "$RUNS"
-mkdir -p "$OUT"
-start=$(date +%s)
-python cli.py test --config configs/noedit.yaml --data.num_edits "$N" --trainer.default_root_dir "$RUNS/noedit"
-mid=$(date +%s)
-python cli.py fit --config configs/ft.yaml --data.num_edits "$N" --trainer.default_root_dir "$RUNS/ft" --test_after_fit true
-end=$(date +%s)
+run_dir baseline
+timed noedit python cli.py test --config configs/noedit.yaml --data.num_edits "$N" --trainer.default_root_dir "$RUNS/noedit"
+timed ft python cli.py fit --config configs/ft.yaml --data.num_edits "$N" --trainer.default_root_dir "$RUNS/ft" --test_after_fit true
 python -m editing.report "$RUNS/noedit" "$RUNS/ft" --out "$OUT/baseline.md" --plot "$OUT/baseline.png" \
   --columns reliability,generality,locality,score,score_mean,rewrite_acc,paraphrase_acc,neighborhood_acc,locality_acc,locality_unchanged,neighborhood_unchanged
-echo "wall time: noedit $((mid - start)) s, ft $((end - mid)) s (each including model loading)"
+echo "wall time (each including model loading):"; cat "$RUNS/times.txt"

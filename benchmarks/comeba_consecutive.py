@@ -19,7 +19,6 @@ editor, hooks on vs `disabled()`, forward of the evaluation prompts and cached g
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from _common import sequence_parser
 from editing.data import EvalCase, load_benchmark
 from editing.editors import COMEBA, FT, MEMIT
 from editing.editors.locate import fill
@@ -125,9 +125,7 @@ def overhead(ed, requests, reps: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=10)
+    ap = sequence_parser(n=200, batch=10)
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--methods", nargs="*", default=["comeba_hk", "memit", "comeba_nohook", "ft"])
     ap.add_argument("--layers", type=int, nargs="*", default=[3, 4, 5, 6, 7])

@@ -3,15 +3,9 @@
 # ParaRel set (default 100): ROME (sequential), MEMIT and PMET (one batch) against NoEdit and FT.
 # Prints the merged table and each run's wall time; writes benchmarks/results/locate_quality.{md,png}.
 #   bash benchmarks/locate_quality.sh [N]
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 N=${1:-100}
-RUNS=runs/locate_quality
-OUT=benchmarks/results
-rm -rf "$RUNS"
-mkdir -p "$OUT"
-timed() { local name=$1; shift; local s=$(date +%s); "$@"; echo "$name: $(( $(date +%s) - s )) s" >> "$RUNS/times.txt"; }
-mkdir -p "$RUNS"
+run_dir locate_quality
 timed noedit python cli.py test --config configs/noedit.yaml --data.num_edits "$N" --trainer.default_root_dir "$RUNS/noedit"
 timed ft python cli.py fit --config configs/ft.yaml --data.num_edits "$N" --trainer.default_root_dir "$RUNS/ft" --test_after_fit true
 for m in memit pmet rome; do

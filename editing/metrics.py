@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torchmetrics import Metric
+from torchmetrics.aggregation import MeanMetric
 
 KINDS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood", "locality")
 WIN_KINDS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood")
@@ -114,31 +115,29 @@ class PromptStats:
                            take(self.pred), take(self.base_pred))
 
 
-class GroupedMean(Metric):
-    """Mean over cases of the mean over each case's prompts of a per-prompt value.
+class GroupedMean(MeanMetric):
+    """Mean over cases of the mean over each case's prompts of a per-prompt value: a `MeanMetric`
+    (float64, summed across ranks) updated with one per-case mean per case.
 
     ``update(values, groups)``: values [N] (NaN = prompt not counted), groups [N] case indices.
-    A case none of whose prompts counts is not counted either. States: ``total`` (sum over cases of the
-    per-case means, float64) and ``cases`` (number of cases), both summed across ranks.
+    A case none of whose prompts counts is not counted either; ``cases`` is the number counted.
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
-
-    total: torch.Tensor
-    cases: torch.Tensor
 
     def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("cases", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        super().__init__(nan_strategy="disable", **kwargs)
+        self.set_dtype(torch.float64)
+
+    @property
+    def cases(self) -> torch.Tensor:
+        return self.weight
 
     def update(self, values: torch.Tensor, groups: torch.Tensor) -> None:
         self._accumulate(values, groups)
 
     def _accumulate(self, values: torch.Tensor, groups: torch.Tensor) -> None:
-        device = self.total.device
+        device = self.mean_value.device
         values = values.detach().to(device=device, dtype=torch.float64).reshape(-1)
         groups = groups.detach().to(device).reshape(-1)
         if values.shape != groups.shape:
@@ -151,13 +150,7 @@ class GroupedMean(Metric):
         sums = torch.zeros(uniq.numel(), dtype=torch.float64, device=device).index_add_(0, inverse, values)
         counts = torch.zeros(uniq.numel(), dtype=torch.float64, device=device).index_add_(
             0, inverse, torch.ones_like(values))
-        self.total += (sums / counts).sum()
-        self.cases += uniq.numel()
-
-    def compute(self) -> torch.Tensor:
-        if self.cases == 0:
-            return torch.tensor(float("nan"), dtype=torch.float64, device=self.total.device)
-        return self.total / self.cases
+        super().update(sums / counts)
 
 
 def _masked_share(hits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -171,7 +164,7 @@ class TokenAccuracy(GroupedMean):
     """Per prompt: share of target tokens that are the teacher-forced argmax (prompts without tokens: skipped)."""
 
     def update(self, correct: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor) -> None:
-        device = self.total.device
+        device = self.mean_value.device
         per_prompt = _masked_share(correct.detach().to(device).bool(), mask.detach().to(device).bool())
         self._accumulate(per_prompt, groups)
 
@@ -183,7 +176,7 @@ class ProbabilityWin(GroupedMean):
     """
 
     def update(self, target_logprob: torch.Tensor, contrast_logprob: torch.Tensor, groups: torch.Tensor) -> None:
-        device = self.total.device
+        device = self.mean_value.device
         tgt = target_logprob.detach().to(device, torch.float64)
         con = contrast_logprob.detach().to(device, torch.float64)
         win = (tgt > con).to(torch.float64).masked_fill(torch.isnan(tgt) | torch.isnan(con), float("nan"))
@@ -197,7 +190,7 @@ class UnchangedPrediction(GroupedMean):
     """
 
     def update(self, pred: torch.Tensor, base_pred: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor) -> None:
-        device = self.total.device
+        device = self.mean_value.device
         pred, base_pred = pred.detach().to(device), base_pred.detach().to(device)
         mask = mask.detach().to(device).bool() & (base_pred >= 0)
         self._accumulate(_masked_share(pred == base_pred, mask), groups)
@@ -222,33 +215,21 @@ def _tokens(text) -> list:
     return list(text)
 
 
-class NgramEntropy(Metric):
+class NgramEntropy(MeanMetric):
     """Mean ROME fluency over generated texts: token-id lists (or 1-D tensors), or strings split on whitespace."""
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
-
-    total: torch.Tensor
-    count: torch.Tensor
 
     def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        super().__init__(nan_strategy="disable", **kwargs)
+        self.set_dtype(torch.float64)
 
     def update(self, texts: Iterable) -> None:
         if isinstance(texts, str):
             texts = [texts]
         values = [ngram_entropy(_tokens(t)) for t in texts]
         if values:
-            self.total += math.fsum(values)
-            self.count += len(values)
-
-    def compute(self) -> torch.Tensor:
-        if self.count == 0:
-            return torch.tensor(float("nan"), dtype=torch.float64, device=self.total.device)
-        return self.total / self.count
+            super().update(torch.tensor(values, dtype=torch.float64, device=self.mean_value.device))
 
 
 def harmonic_mean(values: Iterable[float]) -> float:
