@@ -115,19 +115,29 @@ class PromptStats:
                            take(self.pred), take(self.base_pred))
 
 
-class GroupedMean(MeanMetric):
-    """Mean over cases of the mean over each case's prompts of a per-prompt value: a `MeanMetric`
-    (float64, summed across ranks) updated with one per-case mean per case.
-
-    ``update(values, groups)``: values [N] (NaN = prompt not counted), groups [N] case indices.
-    A case none of whose prompts counts is not counted either; ``cases`` is the number counted.
-    """
+class Float64Mean(MeanMetric):
+    """`MeanMetric` in float64 that stays float64: torchmetrics resets the dtype its `update` casts
+    inputs to whenever the metric is moved (`.to(device)`), so it is restored here."""
 
     higher_is_better = True
 
     def __init__(self, **kwargs):
         super().__init__(nan_strategy="disable", **kwargs)
         self.set_dtype(torch.float64)
+
+    def _apply(self, fn, exclude_state=""):
+        this = super()._apply(fn, exclude_state)
+        this._dtype = this.mean_value.dtype
+        return this
+
+
+class GroupedMean(Float64Mean):
+    """Mean over cases of the mean over each case's prompts of a per-prompt value: a `MeanMetric`
+    (float64, summed across ranks) updated with one per-case mean per case.
+
+    ``update(values, groups)``: values [N] (NaN = prompt not counted), groups [N] case indices.
+    A case none of whose prompts counts is not counted either; ``cases`` is the number counted.
+    """
 
     @property
     def cases(self) -> torch.Tensor:
@@ -215,14 +225,8 @@ def _tokens(text) -> list:
     return list(text)
 
 
-class NgramEntropy(MeanMetric):
+class NgramEntropy(Float64Mean):
     """Mean ROME fluency over generated texts: token-id lists (or 1-D tensors), or strings split on whitespace."""
-
-    higher_is_better = True
-
-    def __init__(self, **kwargs):
-        super().__init__(nan_strategy="disable", **kwargs)
-        self.set_dtype(torch.float64)
 
     def update(self, texts: Iterable) -> None:
         if isinstance(texts, str):

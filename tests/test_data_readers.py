@@ -2,8 +2,11 @@
 toolkit's JSONL round trip, format detection and Hugging Face datasets saved to disk."""
 from __future__ import annotations
 
+import ast
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -306,3 +309,38 @@ def test_hf_hub_name_offline(monkeypatch):
     with pytest.raises(DataError, match="network access") as err:
         load_benchmark("no-such-user/no-such-dataset")
     assert "no-such-user/no-such-dataset" in str(err.value) and "could not load" in str(err.value)
+
+
+DATA_PKG = Path(__file__).resolve().parents[1] / "editing" / "data"
+
+
+def _imported(path: Path, top_level_only: bool = False) -> set[str]:
+    """The `editing.data` modules a file imports (lazy imports inside functions too, unless top_level_only)."""
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else ast.walk(tree)
+    out = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+    return {m.removeprefix("editing.data.") for m in out if m.startswith("editing.data.")}
+
+
+def test_data_modules_import_alone_and_without_a_cycle():
+    # Each module imports in a fresh interpreter (no hidden reliance on import order); run side by side,
+    # as every one of them loads the package and with it Lightning (seconds each).
+    names = sorted("editing.data" if p.stem == "__init__" else f"editing.data.{p.stem}" for p in DATA_PKG.glob("*.py"))
+    runs = {n: subprocess.Popen([sys.executable, "-c", f"import {n}"], stderr=subprocess.PIPE, text=True)
+            for n in names}
+    # ... and the builder's command line runs without runpy finding its module already imported.
+    cli = subprocess.Popen([sys.executable, "-W", "error::RuntimeWarning", "-m", "editing.data.pararel", "--help"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    failed = {n: r.communicate()[1][-2000:] for n, r in {**runs, "-m editing.data.pararel": cli}.items()
+              if r.wait() != 0}
+    assert not failed, failed
+    # The JSON IO imports neither reader; the ParaRel builder does not import the readers; the readers
+    # reach the builder only from inside `load_benchmark`, never at import time.
+    assert not {"readers", "pararel"} & _imported(DATA_PKG / "jsonio.py")
+    assert "readers" not in _imported(DATA_PKG / "pararel.py")
+    assert "pararel" not in _imported(DATA_PKG / "readers.py", top_level_only=True)

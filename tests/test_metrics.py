@@ -275,3 +275,12 @@ def test_definitions_cover_every_key():
         keys |= set(m.metrics) | set(m.headlines) | {"score", "score_mean"}
     assert keys == set(DEFINITIONS)
     assert all(v and "\n" not in v for v in DEFINITIONS.values())
+
+
+def test_means_stay_float64_after_moving():
+    """torchmetrics resets a metric's cast dtype on `.to(device)`; the grouped means must not round
+    their inputs to float32 afterwards."""
+    m = GroupedMean().to("cpu")
+    x = torch.tensor([1 / 3], dtype=torch.float64)
+    m.update(x, torch.tensor([0]))
+    assert m.dtype == torch.float64 and float(m.compute()) == float(x[0])

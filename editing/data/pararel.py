@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from editing.data.jsonio import read_json_lines, write_jsonl
-from editing.data.records import Benchmark, DataError, EditRequest
+from editing.data.records import Benchmark, DataError, EditRequest, Kind, Style
 
-KIND_STYLE = {"counterfactual": "counterfact", "factual": "zsre"}
+KIND_STYLE: dict[Kind, Style] = {"counterfactual": "counterfact", "factual": "zsre"}
 SHIPPED_SIZE = 1500
 NUM_PARAPHRASES, NUM_NEIGHBOURS, NUM_GENERATION = 2, 5, 2
 
@@ -121,7 +121,7 @@ def _unrelated_fact(rng: random.Random, others: list[Relation], subject: str) ->
     return prompt, fact.object
 
 
-def relation_requests(rel: Relation, others: list[Relation], kind: str, rng: random.Random,
+def relation_requests(rel: Relation, others: list[Relation], kind: Kind, rng: random.Random,
                       max_requests: int | None = None) -> list[EditRequest]:
     """The requests of one relation, in a seeded order."""
     objects = sorted({f.object for f in rel.facts})
@@ -161,7 +161,7 @@ def relation_requests(rel: Relation, others: list[Relation], kind: str, rng: ran
     return out
 
 
-def build_pararel(root: str | Path, kind: str = "counterfactual", seed: int = 0,
+def build_pararel(root: str | Path, kind: Kind = "counterfactual", seed: int = 0,
                   max_per_relation: int | None = None, limit: int | None = None) -> Benchmark:
     """Build the `kind` benchmark ("counterfactual" or "factual") from a ParaRel folder.
 

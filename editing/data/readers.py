@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any, Callable, Literal, get_args
 
 from editing.data.jsonio import is_header, read_json_lines, read_json_list, write_jsonl
-from editing.data.records import STYLES, Benchmark, DataError, EditRequest
+from editing.data.records import STYLES, Benchmark, DataError, EditRequest, Kind, Style
 
 __all__ = ["load_benchmark", "read_counterfact", "read_zsre", "read_jsonl", "read_json", "read_hf", "read_json_lines",
            "read_json_list", "write_jsonl", "detect_format", "convert", "FORMATS"]
 
 Format = Literal["counterfact", "zsre", "jsonl", "pararel", "hf"]
 FORMATS: tuple[str, ...] = get_args(Format)
-Kind = Literal["counterfactual", "factual"]   # the shipped ParaRel sets
 KINDS: tuple[str, ...] = get_args(Kind)
 SHIPPED_DIR = Path(__file__).parent / "benchmarks"
 
@@ -183,7 +182,7 @@ def _benchmark(name: str, layout: str, requests: list[EditRequest], source: str)
     return Benchmark(name, style, requests, source)
 
 
-def infer_style(requests: list[EditRequest]) -> str:
+def infer_style(requests: list[EditRequest]) -> Style:
     """"counterfact" when every request has a true target and neighbourhood prompts, else "zsre"."""
     cf = bool(requests) and all(r.target_true is not None and r.neighborhood_prompts for r in requests)
     return "counterfact" if cf else "zsre"

@@ -17,6 +17,9 @@ STYLES: tuple[str, ...] = get_args(Style)
 PromptKind = Literal["rewrite", "paraphrase", "neighborhood", "locality"]
 KINDS: tuple[str, ...] = get_args(PromptKind)
 
+# The two benchmarks built from ParaRel (`editing.data.pararel`), also the shipped sets.
+Kind = Literal["counterfactual", "factual"]
+
 
 class DataError(ValueError):
     """Bad input: names the file, the record index and the field."""
@@ -145,7 +148,7 @@ class Benchmark:
     """A list of requests read from one source, with the evaluation style it follows."""
 
     name: str
-    style: str
+    style: Style
     requests: list[EditRequest]
     source: str | None = None
 

@@ -6,6 +6,8 @@ from typing import Literal, get_args
 
 import torch
 
+from editing.validation import check_choice
+
 Fusion = Literal["add", "dr", "topk"]
 FUSIONS: tuple[str, ...] = get_args(Fusion)
 
@@ -15,8 +17,7 @@ def fusion_spec(kind: Fusion = "add", drop_rate: float = 0.8, keep: float = 0.2,
     (drop-and-rescale: each entry dropped with probability `drop_rate`, the rest divided by
     1 − drop_rate, so E[Δ̂] = Δ; the mask is drawn on the CPU from `seed`, the same on every device),
     "topk" (top-k% retain: only the `keep` share of entries with the largest magnitude is kept)."""
-    if kind not in FUSIONS:
-        raise ValueError(f"fusion must be one of {FUSIONS}, got {kind!r}")
+    check_choice("fusion", kind, Fusion)
     if kind == "add" or (kind == "dr" and drop_rate == 0) or (kind == "topk" and keep >= 1):
         return None
     if kind == "dr" and not 0 <= drop_rate < 1:

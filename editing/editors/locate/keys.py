@@ -10,6 +10,7 @@ from editing.data.records import EditRequest
 from editing.editors.locate.templates import fill, filled
 from editing.layout import Layout
 from editing.tokens import encode
+from editing.validation import check_choice
 
 Position = Literal["subject_last", "prompt_last"]
 POSITIONS: tuple[str, ...] = get_args(Position)
@@ -17,8 +18,7 @@ Part = Literal["block", "mlp", "attn_out"]
 
 
 def check_position(position: str) -> None:
-    if position not in POSITIONS:
-        raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+    check_choice("position", position, Position)
 
 
 @torch.no_grad()

@@ -13,6 +13,8 @@ from typing import Callable, Literal
 
 import torch
 
+from editing.validation import check_choice
+
 Spread = Literal["even", "sqrt"]
 Factors = tuple[torch.Tensor, torch.Tensor]
 
@@ -35,8 +37,7 @@ def closed_form(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float, k
 def divisor(spread: Spread, remaining: int) -> float:
     """The share of the residual a layer takes with `remaining` layers left (itself included):
     1/remaining ("even", MEMIT) or 1/√remaining ("sqrt", PMET)."""
-    if spread not in ("even", "sqrt"):
-        raise ValueError(f"spread must be 'even' or 'sqrt', got {spread!r}")
+    check_choice("spread", spread, Spread)
     return float(remaining) if spread == "even" else math.sqrt(remaining)
 
 

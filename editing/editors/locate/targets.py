@@ -15,6 +15,7 @@ from editing.editors.locate.keys import POSITIONS, Part, Position
 from editing.editors.locate.templates import fill
 from editing.layout import Layout
 from editing.tokens import encode
+from editing.validation import check_choice
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,8 @@ class DeltaSite:
     weight_decay: float | None = None
 
     def __post_init__(self):
-        if self.part not in ("block", "mlp", "attn_out"):
-            raise ValueError(f"delta site part must be block, mlp or attn_out, got {self.part!r}")
-        if self.position not in POSITIONS:
-            raise ValueError(f"delta site position must be one of {POSITIONS}, got {self.position!r}")
+        check_choice("delta site part", self.part, Part)
+        check_choice("delta site position", self.position, Position)
 
 
 @dataclass
