@@ -27,10 +27,12 @@ import torch
 from torch import nn
 
 from editing import evaluation, hooks
+import editing.editors.checks as checks
+from editing.editors.checks import deferred_signals
 from editing.data.batch import EditBatch
 from editing.data.records import EditRequest, EvalCase
 from editing.io import torch_save_atomic
-from editing.layout import Layout
+from editing.layout import Layout, weight_out_in
 from editing.metrics import EditMetrics, PromptStats
 from editing.models import DEFAULT_MODEL, fingerprint, load_model, load_tokenizer, same_model
 from editing.tuners import EditLayer, edit_layers
@@ -57,13 +59,21 @@ class Editor(pl.LightningModule):
         fluency: also generate from the generation prompts and report n-gram entropy.
         fluency_tokens: tokens generated per generation prompt.
         results_name: file name of the evaluation report inside the run directory.
+        max_length: the longest edit prompt + target in tokens (None: the model's context).
+        step_checks: check every step before it commits (docs/reliability.md); False skips them.
+        max_entropy_shift: how far (nats) the next-token entropy on fixed probe prompts may move
+            from the unedited model's (None: unchecked).
+        max_relative_change: the largest ‖edit‖ / ‖weights it changes‖ (None: unchecked).
+        max_target_drop: how much a step may lower its own targets' mean token log-probability.
     """
 
     method = "editor"
 
     def __init__(self, base_model: str = DEFAULT_MODEL, dtype: str = "float32", chat_template: bool = False,
                  forward_batch_size: int = 64, fluency: bool = False, fluency_tokens: int = 50,
-                 results_name: str = "results.json"):
+                 results_name: str = "results.json", max_length: int | None = None, step_checks: bool = True,
+                 max_entropy_shift: float | None = 3.0, max_relative_change: float | None = 1000.0,
+                 max_target_drop: float = 0.5):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -75,6 +85,7 @@ class Editor(pl.LightningModule):
         self.edit_log: list[dict] = []        # one entry per applied step: case ids, seconds
         self.evaluation: evaluation.Evaluation | None = None
         self._base_identity: dict | None = None
+        self._probe_base: float | None = None
 
     # --- identity and checkpoints --------------------------------------------------------------
     @property
@@ -187,26 +198,72 @@ class Editor(pl.LightningModule):
         self.load_state_dict(snap)
 
     def edit(self, step: EditBatch | list[EditRequest]) -> dict:
-        """Apply one edit step (an `EditBatch` or a list of requests) atomically: on any failure the
-        edit state is restored and EditError is raised."""
+        """Apply one edit step (an `EditBatch` or a list of requests) atomically: the requests are
+        validated first (`check_requests`); on any failure, Ctrl-C included, the edit state is
+        restored exactly before the exception propagates (an `Exception` becomes an `EditError`; a
+        KeyboardInterrupt or SystemExit is re-raised as it is). After the step, `check_step` checks
+        what it did before the step counts (see docs/reliability.md)."""
         batch = EditBatch.of(step)
         requests = batch.requests
         if not requests:
             return {}
-        snap = self.snapshot()
+        self.check_requests(requests)
+        snap, logged = self.snapshot(), len(self.edit_log)
         start = time.perf_counter()
         try:
+            before = self.step_probe(requests)
             with torch.enable_grad():
                 info = self.apply_edit(batch) or {}
             self.check_finite()
-        except Exception as e:
-            self.restore(snap)
+            info.update(self.check_step(requests, before))
+            seconds = time.perf_counter() - start
+            self.edit_log.append({"cases": [r.case_id for r in requests], "seconds": seconds})
+        except BaseException as e:
+            with deferred_signals():
+                self.restore(snap)
+                del self.edit_log[logged:]
+            if not isinstance(e, Exception):
+                raise
             ids = [r.case_id for r in requests]
             raise EditError(f"edit step with cases {ids} failed ({type(e).__name__}: {e}); "
                             "the model was restored to its state before the step") from e
-        seconds = time.perf_counter() - start
-        self.edit_log.append({"cases": [r.case_id for r in requests], "seconds": seconds})
         return {"seconds": seconds, **info}
+
+    # --- what a step checks (editing.editors.checks) ---------------------------------------------
+    def max_tokens(self) -> int | None:
+        """The longest prompt + target a request may have: `max_length`, else the model's context."""
+        if self.hparams.max_length is not None:
+            return self.hparams.max_length
+        cfg = self.model.config
+        return next((getattr(cfg, a) for a in ("max_position_embeddings", "n_positions", "n_ctx")
+                     if getattr(cfg, a, None)), None)
+
+    def withdrawable_ids(self) -> set[str]:
+        """Case ids already edited by an editor that withdraws edits per case (a new edit may not reuse
+        one); empty for editors without per-case withdrawal."""
+        return set()
+
+    def check_requests(self, requests: list[EditRequest]) -> None:
+        checks.check_requests(requests, self.tokenizer, self.max_tokens(), self.withdrawable_ids())
+
+    def relative_change(self) -> float | None:
+        """‖edit‖ / ‖weights it changes‖ now, the largest over edited modules (None: not defined)."""
+        ratios = [float(m.delta.detach().norm() / weight_out_in(m).detach().norm()) for m in self.edit_layers().values()
+                  if isinstance(getattr(m, "delta", None), nn.Parameter)]
+        return max(ratios) if ratios else None
+
+    def step_probe(self, requests: list[EditRequest]):
+        if not self.hparams.step_checks:
+            return None
+        if self._probe_base is None:
+            with self.disabled():
+                self._probe_base = checks.probe_entropy(self)
+        return checks.StepProbe(checks.target_logprob(self, requests))
+
+    def check_step(self, requests: list[EditRequest], before) -> dict:
+        if before is None:
+            return {}
+        return checks.check_step(self, requests, before, self._probe_base, self.relative_change())
 
     def check_finite(self) -> None:
         for name, value in self.state_dict().items():
