@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import warnings
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from editing.data.module import EditDataModule
 from editing.editors.base import Editor
@@ -58,6 +61,9 @@ class EditingCLI(LightningCLI):
 
 def main(args=None, run: bool = True) -> EditingCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return EditingCLI(Editor, EditDataModule, subclass_mode_model=True, trainer_defaults=TRAINER_DEFAULTS,
-                      seed_everything_default=0,
-                      save_config_kwargs={"overwrite": True}, args=args, run=run)
+    try:
+        return EditingCLI(Editor, EditDataModule, subclass_mode_model=True, trainer_defaults=TRAINER_DEFAULTS,
+                          seed_everything_default=0,
+                          save_config_kwargs={"overwrite": True}, args=args, run=run)
+    except SIGTERMException:  # Lightning ends a SIGTERM'd run with SystemExit(None), i.e. status 0
+        sys.exit(128 + signal.SIGTERM)

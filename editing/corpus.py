@@ -64,6 +64,8 @@ def load_corpus(name: str = DEFAULT_CORPUS, n: int | None = None, seed: int = 0)
         texts = _local(Path(name))
     else:
         raise ValueError(f"unknown corpus {name!r}: use 'wiki-offline', 'wikitext' or a local .txt/.jsonl file")
+    if not texts:
+        raise ValueError(f"corpus {name!r} holds no text (every line or record is empty)")
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     texts = [texts[i] for i in order]

@@ -118,17 +118,18 @@ def _quiet(monkeypatch):
 
 @pytest.fixture
 def fail_closed_form(monkeypatch):
-    """`fail_closed_form(n)` makes the core's closed form raise on its n-th call from then on (default
-    the second: a step that fails after its first layer was written); returns the call counter."""
+    """`fail_closed_form(n, exc)` makes the core's closed form raise `exc` (RuntimeError; e.g.
+    KeyboardInterrupt) on its n-th call from then on (default the second: a step that fails after its
+    first layer was written); returns the call counter."""
     import editing.editors.locate.spread as spread
 
-    def arm(n: int = 2) -> dict:
+    def arm(n: int = 2, exc: type[BaseException] = RuntimeError) -> dict:
         real, calls = spread.closed_form, {"n": 0}
 
         def failing(*a, **k):
             calls["n"] += 1
             if calls["n"] == n:
-                raise RuntimeError("boom")
+                raise exc("boom")
             return real(*a, **k)
         monkeypatch.setattr(spread, "closed_form", failing)
         return calls

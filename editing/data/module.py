@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from editing.data.batch import EditBatch
 from editing.data.readers import Format, Kind, load_benchmark
-from editing.data.records import Benchmark, EditRequest, EvalCase
+from editing.data.records import Benchmark, DataError, EditRequest, EvalCase
 
 
 class _ListDataset(Dataset):
@@ -105,6 +106,10 @@ class EditDataModule(pl.LightningDataModule):
             self._requests = [r.with_suffix(h.prompt_suffix) for r in self._requests]
         if not self._requests:
             raise ValueError(f"{self.benchmark.source or self.benchmark.name} holds no edit requests")
+        dups = sorted(c for c, n in Counter(r.case_id for r in self._requests).items() if n > 1)
+        if dups:
+            raise DataError(f"case ids {dups[:10]} appear more than once; every edit needs its own id",
+                            file=self.benchmark.source or self.benchmark.name, field="case_id")
 
     @property
     def requests(self) -> list[EditRequest]:

@@ -75,6 +75,8 @@ class EditRequest:
             fail("the new target is empty", "target_new")
         if self.target_true is not None and (not isinstance(self.target_true, str) or not self.target_true.strip()):
             fail("the true target is empty", "target_true")
+        if self.target_true is not None and self.target_true.strip() == self.target_new.strip():
+            fail(f"target_new equals target_true ({self.target_new!r}): the edit would change nothing", "target_new")
         if self.text.strip() == "":
             fail("the prompt is empty", "prompt")
         for name in ("locality_prompt", "locality_answer", "relation_id"):

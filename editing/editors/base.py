@@ -138,9 +138,27 @@ class Editor(pl.LightningModule):
         checkpoint["edit_meta"] = self.edit_meta()
         checkpoint["edit_log"] = self.edit_log
         checkpoint["method"] = self.method
+        checkpoint["edit_shape"] = self.edit_shape()
+
+    def edit_shape(self) -> dict:
+        """The hyperparameters that shape the edit state (e.g. the edited layers): a checkpoint made
+        with others does not load."""
+        return {}
+
+    def check_identity(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another method, or of the same method with another edit shape."""
+        method = checkpoint.get("method")
+        if method != self.method:
+            raise CheckpointMismatchError(f"this edit was made by method {method!r} and cannot be loaded into a "
+                                          f"{type(self).__name__} editor (method {self.method!r})")
+        theirs, ours = checkpoint.get("edit_shape"), self.edit_shape()
+        if theirs is not None and theirs != ours:
+            raise CheckpointMismatchError(f"this {method} edit has shape {theirs} and this editor has {ours}: "
+                                          "configure the editor as the edit was made")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.check_base(checkpoint.get("base_model"))
+        self.check_identity(checkpoint)
         self.load_edit_meta(checkpoint.get("edit_meta", {}))
         self.edit_log = list(checkpoint.get("edit_log", []))
 
@@ -155,11 +173,15 @@ class Editor(pl.LightningModule):
                 f"({self.base_identity['model_type']}, {self.base_identity['num_parameters']} parameters, "
                 f"digest {self.base_identity['digest']})")
 
-    def save_edit(self, path: str | Path) -> Path:
-        """Write the edit state alone (atomically) for `load_edit`."""
+    def edit_checkpoint(self) -> dict:
+        """The edit state alone as a checkpoint dictionary (what `save_edit` writes)."""
         ckpt = {"state_dict": self.state_dict(), "hyper_parameters": dict(self.hparams)}
         self.on_save_checkpoint(ckpt)
-        torch_save_atomic(ckpt, path)
+        return ckpt
+
+    def save_edit(self, path: str | Path) -> Path:
+        """Write the edit state alone (atomically) for `load_edit`."""
+        torch_save_atomic(self.edit_checkpoint(), path)
         return Path(path)
 
     def load_edit(self, path: str | Path) -> None:
@@ -341,7 +363,8 @@ class Editor(pl.LightningModule):
 
     # --- the Lightning test loop (driven by editing.evaluation.EvaluationReport) -----------------
     def configure_callbacks(self):
-        return [evaluation.EvaluationReport()]
+        from editing.editors.lifecycle import PartialCheckpoint
+        return [evaluation.EvaluationReport(), PartialCheckpoint()]
 
     def test_step(self, batch: list[EvalCase], batch_idx: int) -> None:
         self.evaluation.update(batch)

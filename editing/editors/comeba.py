@@ -172,6 +172,17 @@ class COMEBA(MEMIT):
             return Editor.disabled(self)
         return super().disabled()
 
+    def edit_shape(self) -> dict:
+        return {**super().edit_shape(), "hook": bool(self.hparams.hook)}
+
+    @torch.no_grad()
+    def relative_change(self) -> float | None:
+        if not self.hparams.hook:
+            return super().relative_change()
+        ratios = [float(self.hook(l).delta.double().norm() / self._weight(l).double().norm())
+                  for l in self.layers if self.hook(l).delta is not None]
+        return max(ratios) if ratios else None
+
     def hook_layer(self, layer: int) -> torch.Tensor:
         """W_h of a hook layer, (out, in), in float64."""
         w0 = self._original(layer)

@@ -54,6 +54,9 @@ class FT(Editor):
         for l in self.layers:
             self.inject(l, "mlp_out", DeltaLinear)
 
+    def edit_shape(self) -> dict:
+        return {"layers": list(self.layers)}
+
     def delta(self, layer: int) -> torch.Tensor:
         """Δ (out, in) of the edited projection of `layer` (the trainable parameter)."""
         return self.layout.mlp_out(layer).delta

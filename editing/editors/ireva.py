@@ -148,6 +148,9 @@ class IReVa(Editor):
         """The per-token pairs of one request (prompt + target[:j] -> target[j])."""
         return per_token_pairs(request, self.tokenizer, self.prepare_prompt(request.text))
 
+    def withdrawable_ids(self) -> set[str]:
+        return set(self.case_ids)
+
     def _edit_index(self, case_id: str) -> int:
         if case_id not in self.case_ids:
             self.case_ids.append(case_id)

@@ -63,6 +63,9 @@ class LocateEditor(Editor):
         self._stats = KeyStatistics(corpus, stats_samples, stats_max_length)
         self._templates: list[list[str]] | None = None
 
+    def edit_shape(self) -> dict:
+        return {"layers": list(self.layers), "parts": list(self.target_parts)}
+
     # --- exact weight bookkeeping ---------------------------------------------------------------
     def _weight(self, layer: int) -> torch.Tensor:
         return weight_out_in(self.layout.mlp_out(layer))
@@ -110,6 +113,8 @@ class LocateEditor(Editor):
 
     def undo(self, steps: int = 1) -> None:
         """Withdraw the last `steps` edit steps; the weights return to their exact previous values."""
+        if steps < 1:
+            raise ValueError(f"undo takes a number of steps >= 1, got {steps}")
         if steps > len(self.history.steps):
             raise ValueError(f"only {len(self.history.steps)} steps to undo")
         self.history.truncate(len(self.history.steps) - steps)
@@ -130,6 +135,13 @@ class LocateEditor(Editor):
         self.history.set_extra_state(extra)
         self.refresh_weights()
         return nn.modules.module._IncompatibleKeys([], [])
+
+    @torch.no_grad()
+    def relative_change(self) -> float | None:
+        """max over edited layers of ‖W − W₀‖ / ‖W₀‖ (the weights as written)."""
+        ratios = [float((self._weight(l).double() - w0.double()).norm() / w0.double().norm())
+                  for l, w0 in self._w0.items()]
+        return max(ratios) if ratios else None
 
     def check_finite(self) -> None:
         for s in self.history.steps[-1:]:
