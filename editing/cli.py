@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from editing.data.module import EditDataModule
-from editing.editors.base import Editor
+from editing.editors.base import CheckpointMismatchError, EditError, Editor
+from editing.layout import UnsupportedModelError
 
 TRAINER_DEFAULTS = {
     "max_epochs": 1,
@@ -54,9 +57,32 @@ class EditingCLI(LightningCLI):
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="after `fit`, evaluate the edited model and print the metrics table")
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            remove_empty_run_dir(self.trainer)
+            raise
+
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule)
+
+
+# Errors a user causes (bad data, bad options, a checkpoint of another model or method, a step that
+# failed and was rolled back): one line on stderr and exit status 2; EDITING_TRACEBACK=1 shows the
+# traceback too.
+USER_ERRORS = (ValueError, FileNotFoundError, EditError, CheckpointMismatchError, UnsupportedModelError)
+
+
+def remove_empty_run_dir(trainer) -> None:
+    """A failed run leaves no run folder that holds only its own config."""
+    log_dir = getattr(trainer, "log_dir", None) if trainer is not None else None
+    if not log_dir or not Path(log_dir).is_dir():
+        return
+    files = [p for p in Path(log_dir).rglob("*") if p.is_file()]
+    if all(p.name in ("config.yaml", "hparams.yaml") for p in files):
+        shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def main(args=None, run: bool = True) -> EditingCLI:
@@ -67,3 +93,8 @@ def main(args=None, run: bool = True) -> EditingCLI:
                           save_config_kwargs={"overwrite": True}, args=args, run=run)
     except SIGTERMException:  # Lightning ends a SIGTERM'd run with SystemExit(None), i.e. status 0
         sys.exit(128 + signal.SIGTERM)
+    except USER_ERRORS as e:
+        if os.environ.get("EDITING_TRACEBACK") == "1" or not run:
+            raise
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -193,3 +193,19 @@ def test_empty_corpus_and_duplicate_case_ids(tmp_path):
     path = write_jsonl(Benchmark("dup", "counterfact", [REQS[0], REQS[0]]), tmp_path / "dup.jsonl")
     with pytest.raises(DataError, match="appear more than once"):
         EditDataModule(str(path)).setup()
+
+
+def test_cli_user_errors_are_one_line_and_leave_no_run_folder(tiny_dirs, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"case_id": "a", "prompt": "no slot", "subject": "x", "target_new": "y"}\n')
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    env.pop("EDITING_TRACEBACK", None)
+    proc = subprocess.run([sys.executable, "cli.py", "fit", "--config", "configs/ft.yaml", "--model.init_args.base_model",
+                           str(tiny_dirs["llama"]), "--model.init_args.layers", "[1]", "--data.path", str(bad),
+                           "--trainer.default_root_dir",
+                           str(tmp_path / "runs")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: DataError") and "record 0" in last and "prompt" in last
+    assert "Traceback" not in proc.stderr
+    assert not [p for p in (tmp_path / "runs").rglob("version_*")]
