@@ -209,3 +209,11 @@ def test_cli_user_errors_are_one_line_and_leave_no_run_folder(tiny_dirs, tmp_pat
     assert last.startswith("error: DataError") and "record 0" in last and "prompt" in last
     assert "Traceback" not in proc.stderr
     assert not [p for p in (tmp_path / "runs").rglob("version_*")]
+
+
+def test_a_folder_that_is_no_known_layout_says_what_each_expects(tmp_path):
+    from editing.data import load_benchmark
+
+    (tmp_path / "stuff").mkdir()
+    with pytest.raises(DataError, match="patterns/ and tuples/.*save_to_disk"):
+        load_benchmark(str(tmp_path / "stuff"))

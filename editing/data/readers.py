@@ -261,7 +261,13 @@ def detect_format(path: str | Path) -> str:
     """The format of `path`: pararel, jsonl, json (layout read from its first record) or hf."""
     p = Path(path)
     if p.is_dir():
-        return "pararel" if (p / "patterns").is_dir() and (p / "tuples").is_dir() else "hf"
+        if (p / "patterns").is_dir() and (p / "tuples").is_dir():
+            return "pararel"
+        if any((p / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            return "hf"
+        raise DataError("a folder is read as raw ParaRel (it needs patterns/ and tuples/ subfolders) or as a "
+                        "Hugging Face dataset saved with save_to_disk (dataset_info.json and state.json, or "
+                        "dataset_dict.json); this one is neither", file=str(p))
     if p.is_file():
         if p.suffix == ".jsonl":
             return "jsonl"
