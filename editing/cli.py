@@ -72,7 +72,7 @@ class EditingCLI(LightningCLI):
 # Errors a user causes (bad data, bad options, a checkpoint of another model or method, a step that
 # failed and was rolled back): one line on stderr and exit status 2; EDITING_TRACEBACK=1 shows the
 # traceback too.
-USER_ERRORS = (ValueError, FileNotFoundError, EditError, CheckpointMismatchError, UnsupportedModelError)
+USER_ERRORS = (ValueError, IndexError, FileNotFoundError, EditError, CheckpointMismatchError, UnsupportedModelError)
 
 
 def remove_empty_run_dir(trainer) -> None:
