@@ -3,7 +3,7 @@
 `atomic_path(path)` yields a temporary path next to `path`; when the block ends without an exception
 the file is flushed to disk and renamed over `path` (readers see the old file or the new one, never a
 half-written one); on any exception (Ctrl-C included) the temporary file is removed and `path` is left
-as it was. The helpers below write JSON, text and torch/safetensors payloads through it.
+as it was. The helpers below write JSON and text through it; safetensors files use it directly.
 """
 from __future__ import annotations
 
@@ -45,10 +45,3 @@ def write_text_atomic(text: str, path: str | Path) -> Path:
 def write_json_atomic(obj: Any, path: str | Path, indent: int | None = 2) -> Path:
     return write_text_atomic(json.dumps(obj, indent=indent, default=str), path)
 
-
-def torch_save_atomic(obj: Any, path: str | Path) -> Path:
-    import torch
-
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-    return Path(path)

@@ -223,7 +223,8 @@ def test_checkpoint_round_trip(tiny_gpt2, tmp_path):
     editor.edit(REQS[:2])
     editor.edit([REQS[2]])
     path = editor.save_edit(tmp_path / "edit.ckpt")
-    state = torch.load(path, weights_only=False)
+    from editing.edit_file import read_edit_file
+    state = read_edit_file(path)
     prefix = f"model.{editor.layout.module_name(editor.layer, 'mlp')}."
     assert set(state["state_dict"]) == {prefix + n for n in ("keys", "values", "shifts", "neuron_edit", "neuron_token")}
     assert state["edit_meta"]["case_ids"] == ["a", "b", "c"]

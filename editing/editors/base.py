@@ -31,7 +31,6 @@ import editing.editors.checks as checks
 from editing.editors.checks import deferred_signals
 from editing.data.batch import EditBatch
 from editing.data.records import EditRequest, EvalCase
-from editing.io import torch_save_atomic
 from editing.layout import Layout, weight_out_in
 from editing.metrics import EditMetrics, PromptStats
 from editing.models import DEFAULT_MODEL, fingerprint, load_model, load_tokenizer, same_model
@@ -180,12 +179,15 @@ class Editor(pl.LightningModule):
         return ckpt
 
     def save_edit(self, path: str | Path) -> Path:
-        """Write the edit state alone (atomically) for `load_edit`."""
-        torch_save_atomic(self.edit_checkpoint(), path)
-        return Path(path)
+        """Write the edit state alone as a safe edit file (safetensors + JSON, atomically) for
+        `load_edit` (`editing.edit_file`)."""
+        from editing.edit_file import write_edit_file
+        return write_edit_file(self.edit_checkpoint(), path)
 
     def load_edit(self, path: str | Path) -> None:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        """Load a safe edit file (never unpickled); refuses another base model, method or edit shape."""
+        from editing.edit_file import read_edit_file
+        ckpt = read_edit_file(path)
         self.on_load_checkpoint(ckpt)
         self.load_state_dict(ckpt["state_dict"])
 

@@ -2,7 +2,7 @@
 
 The step in flight is rolled back by `Editor.edit` (or, for SIGTERM, which Lightning turns into an
 exception between steps, finishes first). `PartialCheckpoint` then writes the edit state of the steps
-that completed to `<run dir>/checkpoints/edit.partial.ckpt` (atomically; marked `partial` with its
+that completed to `<run dir>/checkpoints/edit.partial.ckpt` as a safe edit file (`editing.edit_file`; atomically; marked `partial` with its
 step count and the reason; a name already taken gets a numbered suffix, so no earlier checkpoint is
 overwritten) or says plainly that nothing was saved. The CLI exits non-zero (1 for Ctrl-C, 143 for
 SIGTERM).
@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.trainer.states import TrainerFn
 
-from editing.io import torch_save_atomic
+from editing.edit_file import write_edit_file
 
 
 def free_path(path: Path) -> Path:
@@ -43,6 +43,6 @@ class PartialCheckpoint(pl.Callback):
         ckpt = pl_module.edit_checkpoint()
         ckpt["partial"] = {"steps": steps, "edits": sum(len(e["cases"]) for e in pl_module.edit_log),
                            "reason": reason}
-        torch_save_atomic(ckpt, path)
+        write_edit_file(ckpt, path)
         print(f"interrupted ({reason}) after {steps} completed edit step(s); their edits are saved (partial) in "
               f"{path}", file=sys.stderr)
