@@ -141,7 +141,7 @@ class Layout:
         `layer`; returns the new module. `eject` puts the wrapped module back."""
         name = self.module_name(layer, part)
         new = wrap(_get(self.model, name))
-        self._set(name, new)
+        self.swap(name, new)
         return new
 
     def eject(self, layer: int, part: str) -> nn.Module:
@@ -151,10 +151,11 @@ class Layout:
         inner = current._modules.get("base_layer")
         if not isinstance(inner, nn.Module):
             raise ValueError(f"no edit module at {name}")
-        self._set(name, inner)
+        self.swap(name, inner)
         return current
 
-    def _set(self, name: str, module: nn.Module) -> None:
+    def swap(self, name: str, module: nn.Module) -> None:
+        """Put `module` at the module path `name` (inside any edit module wrapping its parent)."""
         parent_path, attr = name.rsplit(".", 1)
         setattr(base_layer(_get(self.model, parent_path)), attr, module)
 

@@ -191,6 +191,11 @@ class Editor(pl.LightningModule):
         self.on_load_checkpoint(ckpt)
         self.load_state_dict(ckpt["state_dict"])
 
+    def export(self, out: str | Path, requests: list[EditRequest] | None = None) -> Path:
+        """A plain Hugging Face model directory of the edited model (`editing.export`)."""
+        from editing.export import export_model
+        return export_model(self, out, requests)
+
     # --- enabling / disabling ----------------------------------------------------------------------
     @contextmanager
     def disabled(self) -> Iterator[None]:
