@@ -1,4 +1,13 @@
-"""LightningCLI wiring: `python cli.py fit|test --config configs/<method>.yaml [--section.option value]`."""
+"""LightningCLI wiring: `python cli.py fit|test|predict|export --config configs/<method>.yaml [--section.option value]`
+(installed: the `editing` command, with the configs shipped in the package: `--config memit`).
+
+Subcommands: `fit` edits (writes <run dir>/checkpoints/edit.safetensors), `test` evaluates, `predict`
+prints the edited and unedited continuations of prompts (predictions.jsonl), `export` writes a plain
+Hugging Face model directory. `--ckpt_path` is always a safe edit file (`editing.edit_file`): it is
+read without unpickling, refused when its method is not the config's or its base model is not the
+config's (the config is what runs; the checkpoint's hyperparameters never replace it), and loaded
+into the editor before the subcommand runs.
+"""
 from __future__ import annotations
 
 import os
@@ -8,11 +17,14 @@ import sys
 import warnings
 from pathlib import Path
 
+import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from editing.data.module import EditDataModule
+from editing.edit_file import read_edit_file
 from editing.editors.base import CheckpointMismatchError, EditError, Editor
 from editing.layout import UnsupportedModelError
 
@@ -24,7 +36,9 @@ TRAINER_DEFAULTS = {
     # Editors write their own checkpoint at the end of fit (Editor.on_train_end): edit.ckpt.
     "enable_checkpointing": False,
     "default_root_dir": "runs",
+    "log_every_n_steps": 1,  # every edit step is logged (metrics.csv)
 }
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
 # Lightning warns about things that are deliberate here: no optimiser (editors optimise inside the
 # edit step), small "datasets" of edit steps, and a CPU-only machine.
@@ -52,10 +66,74 @@ for _name, _start in (("ddp", "popen"), ("ddp_spawn", "spawn"), ("ddp_fork", "fo
                               start_method=_start, override=True)
 
 
+class EditTrainer(pl.Trainer):
+    """Lightning's Trainer with the toolkit's `export` verb."""
+
+    def export(self, model: Editor, out: str, datamodule=None, ckpt_path: str | None = None,
+               push_to_hub: str | None = None) -> None:
+        """Write the edited model as a plain Hugging Face model directory (edit merged) with a model card.
+
+        Args:
+            out: the directory to write.
+            ckpt_path: the edit file to export (its results.json, when beside it, goes in the card).
+            push_to_hub: also upload the directory to this Hub repository (needs a network).
+        """
+        from editing.export import export_model, push
+        scores = None
+        if ckpt_path:
+            results = Path(ckpt_path).resolve().parent.parent / model.hparams.results_name
+            if results.is_file():
+                import json
+                scores = json.loads(results.read_text(encoding="utf-8")).get("metrics")
+        if self.is_global_zero:
+            path = export_model(model, out, scores=scores)
+            print(f"exported: {path}")
+            if push_to_hub:
+                print(f"pushed: {push(path, push_to_hub)}")
+
+
 class EditingCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="after `fit`, evaluate the edited model and print the metrics table")
+
+    def _parse_ckpt_path(self) -> None:
+        """Read --ckpt_path as a safe edit file and refuse one of another method than the config's
+        (instead of LightningCLI's default: replacing the config's model with the checkpoint's)."""
+        self._edit = None
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if not path:
+            return
+        ckpt = read_edit_file(path)
+        model = self.config[sub].get("model")
+        class_path = getattr(model, "class_path", None) or Editor.__module__ + ".Editor"
+        module, _, name = class_path.rpartition(".")
+        cls = getattr(__import__(module, fromlist=[name]), name)
+        if ckpt.get("method") != cls.method:
+            made_on = (ckpt.get("base_model") or {}).get("name")
+            raise CheckpointMismatchError(
+                f"{path}: this edit was made by method {ckpt.get('method')!r} (on base model {made_on!r}) and the "
+                f"config names method {cls.method!r} ({class_path}); use the config the edit was made with")
+        self._edit = (path, ckpt)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        path = kwargs.pop("ckpt_path", None)
+        if self._edit is not None:  # load the edit into the config's editor (refusing another base model)
+            self.model.load_edit(*self._edit)
+        if subcommand == "export":
+            kwargs["ckpt_path"] = path
+        return kwargs
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
+        if config.get("logger") in (None, True):  # explicit loggers: CSV, and TensorBoard when installed
+            config["logger"] = default_loggers(config.get("default_root_dir") or "runs")
+        return super()._instantiate_trainer(config, callbacks)
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
@@ -75,6 +153,38 @@ class EditingCLI(LightningCLI):
 USER_ERRORS = (ValueError, IndexError, FileNotFoundError, EditError, CheckpointMismatchError, UnsupportedModelError)
 
 
+def default_loggers(root: str) -> list:
+    """A CSVLogger (metrics.csv in the run directory) and, when `tensorboard` is installed, a
+    TensorBoardLogger writing into the same run directory."""
+    csv = CSVLogger(save_dir=root)
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return [csv]
+    from lightning.pytorch.loggers import TensorBoardLogger
+    return [csv, TensorBoardLogger(save_dir=root, version=csv.version)]
+
+
+def packaged_config(value: str) -> str:
+    """A --config value: a file, or the name of a config shipped in the package (`memit`,
+    `smollm2/memit`, `published/memit_gpt2-xl`)."""
+    if Path(value).exists() or value.startswith("{"):
+        return value
+    name = value.removeprefix("smollm2/").removesuffix(".yaml")
+    path = CONFIGS / f"{name}.yaml"
+    return str(path) if path.is_file() else value
+
+
+def resolve_configs(args: list[str]) -> list[str]:
+    out = list(args)
+    for i, a in enumerate(out):
+        if a == "--config" and i + 1 < len(out):
+            out[i + 1] = packaged_config(out[i + 1])
+        elif a.startswith("--config="):
+            out[i] = "--config=" + packaged_config(a.split("=", 1)[1])
+    return out
+
+
 def remove_empty_run_dir(trainer) -> None:
     """A failed run leaves no run folder that holds only its own config."""
     log_dir = getattr(trainer, "log_dir", None) if trainer is not None else None
@@ -87,8 +197,13 @@ def remove_empty_run_dir(trainer) -> None:
 
 def main(args=None, run: bool = True) -> EditingCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args is None:
+        sys.argv[1:] = resolve_configs(sys.argv[1:])
+    elif isinstance(args, list):
+        args = resolve_configs([str(a) for a in args])
     try:
         return EditingCLI(Editor, EditDataModule, subclass_mode_model=True, trainer_defaults=TRAINER_DEFAULTS,
+                          trainer_class=EditTrainer,
                           seed_everything_default=0,
                           save_config_kwargs={"overwrite": True}, args=args, run=run)
     except SIGTERMException:  # Lightning ends a SIGTERM'd run with SystemExit(None), i.e. status 0

@@ -113,3 +113,60 @@ def read_edit_file(path: str | Path) -> dict:
         return unpack(json.loads(meta["checkpoint"]), tensors)
     except (KeyError, ValueError, TypeError) as e:
         raise EditFileError(f"{path}: unreadable edit metadata ({e})") from None
+
+
+# --- edit directories (PEFT-style: the edit alone, applied to the base model later) ----------------
+WEIGHTS_NAME = "edit.safetensors"
+CONFIG_NAME = "edit_config.json"
+
+
+def editor_classes(root: type) -> dict[str, type]:
+    """The subclasses of `root` (the Editor: importing it runs the `editing.editors` package, which
+    defines every editor) by class path (`module.QualName`). An edit directory names one of these;
+    nothing is ever imported because a file says so."""
+    found, stack = {}, [root]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            found[f"{sub.__module__}.{sub.__qualname__}"] = sub
+            stack.append(sub)
+    return found
+
+
+def save_pretrained(editor, directory: str | Path) -> Path:
+    """Write `directory/edit.safetensors` (the safe edit file) and `directory/edit_config.json` (which
+    editor, its hyperparameters, the base model it was made on)."""
+    from editing.io import write_json_atomic
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_edit_file(editor.edit_checkpoint(), directory / WEIGHTS_NAME)
+    ident = editor.base_identity
+    config = {"format": FORMAT, "toolkit_version": _version(), "method": editor.method,
+              "class_path": f"{type(editor).__module__}.{type(editor).__qualname__}",
+              "hyper_parameters": dict(editor.hparams),
+              "base_model": {k: ident.get(k) for k in ("name", "model_type", "num_parameters", "digest")},
+              "edits": sum(len(e["cases"]) for e in editor.edit_log)}
+    write_json_atomic(config, directory / CONFIG_NAME)
+    return directory
+
+
+def from_pretrained(directory: str | Path, root: type, base_model: str | None = None, **overrides):
+    """The editor (a subclass of `root`) of an edit directory with its edit applied, on `base_model`
+    (default: the one the edit was made on); another base model than the edit's is refused. `overrides` replace hyperparameters
+    that do not shape the edit (e.g. forward_batch_size)."""
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise EditFileError(f"{directory}: not an edit directory (no {CONFIG_NAME}; write one with save_pretrained)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        class_path, hparams = config["class_path"], dict(config["hyper_parameters"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise EditFileError(f"{path}: unreadable edit config ({type(e).__name__}: {e})") from None
+    cls = editor_classes(root).get(class_path)
+    if cls is None:
+        raise EditFileError(f"{path}: class_path {class_path!r} is not an editor of this toolkit")
+    if base_model is not None:
+        hparams["base_model"] = base_model
+    editor = cls(**{**hparams, **overrides})
+    editor.load_edit(directory / WEIGHTS_NAME)
+    return editor

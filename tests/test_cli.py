@@ -29,8 +29,8 @@ def fitted(tiny_dirs, tmp_path_factory):
     out = cli("fit", "--config", "configs/ft.yaml", "--model.init_args.base_model", tiny_dirs["llama"],
               "--model.init_args.layers", "[1]", "--model.init_args.lr", "0.05", "--data.num_edits", 6,
               "--data.edit_batch_size", 2, "--trainer.default_root_dir", root / "fit", "--test_after_fit", "true")
-    ckpts = list((root / "fit").rglob("*.ckpt"))
-    assert len(ckpts) == 1 and "edit checkpoint:" in out
+    ckpts = list((root / "fit").rglob("edit.safetensors"))
+    assert len(ckpts) == 1 and "edit file:" in out and not list((root / "fit").rglob("*.ckpt"))
     return root, ckpts[0], out
 
 
@@ -87,9 +87,11 @@ def test_memit_ddp_fit_shards_targets_and_matches_one_process(tiny_dirs, tmp_pat
               "--trainer.accelerator", "cpu"]
     cli(*common, "--trainer.default_root_dir", tmp_path / "one")
     cli(*common, "--trainer.default_root_dir", tmp_path / "ddp", "--trainer.strategy", "ddp", "--trainer.devices", 2)
-    [one], [ddp] = (list((tmp_path / n).rglob("edit.ckpt")) for n in ("one", "ddp"))
-    h1 = torch.load(one, weights_only=False)["state_dict"]["history._extra_state"]
-    h2 = torch.load(ddp, weights_only=False)["state_dict"]["history._extra_state"]
+    from editing.edit_file import read_edit_file
+
+    [one], [ddp] = (list((tmp_path / n).rglob("edit.safetensors")) for n in ("one", "ddp"))
+    h1 = read_edit_file(one)["state_dict"]["history._extra_state"]
+    h2 = read_edit_file(ddp)["state_dict"]["history._extra_state"]
     assert len(h1) == len(h2) == 1 and h1[0].keys() == h2[0].keys() == {"0", "1"}
     for layer in h1[0]:
         d1 = h1[0][layer][0].double() @ h1[0][layer][1].double().T

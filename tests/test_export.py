@@ -27,7 +27,7 @@ def test_export_loads_with_transformers_and_matches(tiny_dirs, tmp_path, family,
     ed.edit(REQS[:2])
     texts = [r.text for r in REQS[:2]]
     edited = logits(ed.model, ed.tokenizer, texts)
-    out = ed.export(tmp_path / "out", REQS[:2])
+    out = ed.export(tmp_path / "out")
     plain = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     got = logits(plain, tok, texts)

@@ -87,8 +87,8 @@ def test_signals_under_fit_exit_non_zero_with_a_partial_checkpoint(tiny_dirs, tm
     proc = subprocess.run([sys.executable, "-c", SIGNAL_RUN, sig, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == code, proc.stderr[-3000:]
-    [path] = list(tmp_path.rglob("edit.partial.ckpt"))
-    assert not list(tmp_path.rglob("edit.ckpt"))
+    [path] = list(tmp_path.rglob("edit.partial.safetensors"))
+    assert not list(tmp_path.rglob("edit.safetensors"))
     assert f"after {steps} completed edit step" in proc.stderr
     from editing.edit_file import read_edit_file
     ckpt = read_edit_file(path)
@@ -99,10 +99,10 @@ def test_signals_under_fit_exit_non_zero_with_a_partial_checkpoint(tiny_dirs, tm
 
 
 def test_a_partial_checkpoint_never_overwrites_one(tmp_path):
-    first = tmp_path / "edit.partial.ckpt"
+    first = tmp_path / "edit.partial.safetensors"
     assert free_path(first) == first
     first.write_text("old")
-    assert free_path(first).name == "edit.partial-1.ckpt"
+    assert free_path(first).name == "edit.partial-1.safetensors"
 
 
 # --- destroyed, worsening and no-op steps ----------------------------------------------------------------

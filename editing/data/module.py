@@ -1,8 +1,10 @@
 """`EditDataModule`: benchmark files -> edit steps (training) and evaluation cases (testing)."""
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
+from pathlib import Path
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -78,11 +80,14 @@ class EditDataModule(pl.LightningDataModule):
         eval_batch_size: evaluation cases per test batch.
         prompt_suffix: appended to every edit, paraphrase, neighbourhood and locality prompt, e.g.
             iReVa's zsRE trigger " Answer:" (None: the prompts as read).
+        prompts: what `predict` asks the model: a prompt, a list of prompts, or a file (.txt: one
+            prompt per line; .jsonl: a "prompt" field per line); None: the selected requests' prompts.
     """
 
     def __init__(self, path: str | None = None, format: Format | None = None, kind: Kind = "counterfactual",
                  split: str = "train", num_edits: int = 50, seed: int = 0, shuffle: bool = False,
-                 edit_batch_size: int = 1, eval_batch_size: int = 8, prompt_suffix: str | None = None):
+                 edit_batch_size: int = 1, eval_batch_size: int = 8, prompt_suffix: str | None = None,
+                 prompts: list[str] | str | None = None):
         super().__init__()
         self.save_hyperparameters()
         if num_edits == 0 or num_edits < -1:
@@ -145,14 +150,53 @@ class EditDataModule(pl.LightningDataModule):
         self.setup()
         return [EvalCase.from_request(r, i) for i, r in enumerate(self.requests)]
 
+    def predict_prompts(self) -> list[str]:
+        """The prompts of `predict` (see `prompts`)."""
+        given = self.hparams.prompts
+        if given is None:
+            return [r.text for r in self.requests]
+        if isinstance(given, str) and Path(given).is_file():
+            return read_prompts(Path(given))
+        prompts = [given] if isinstance(given, str) else list(given)
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ValueError(f"--data.prompts: every prompt must be a non-empty string, got {given!r}")
+        return prompts
+
     def train_dataloader(self) -> DataLoader:
         ds = _ListDataset(self.edit_steps())
         return DataLoader(ds, batch_size=None, sampler=EveryRankSampler(ds), collate_fn=_as_list)
 
-    def test_dataloader(self) -> DataLoader:
-        ds = _ListDataset(self.eval_cases())
+    def _sharded(self, items: list) -> DataLoader:
+        ds = _ListDataset(items)
         world, rank = 1, 0
         if self.trainer is not None:
             world, rank = self.trainer.world_size, self.trainer.global_rank
         return DataLoader(ds, batch_size=self.hparams.eval_batch_size, sampler=ShardSampler(ds, world, rank),
                           collate_fn=_as_list)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._sharded(self.eval_cases())
+
+    def predict_dataloader(self) -> DataLoader:
+        """(index, prompt) pairs, split across ranks."""
+        return self._sharded(list(enumerate(self.predict_prompts())))
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts from a .txt file (one per non-empty line) or a .jsonl file (a "prompt" field per line)."""
+    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    if path.suffix != ".jsonl":
+        prompts = [line.strip() for _, line in lines]
+    else:
+        prompts = []
+        for n, line in lines:
+            try:
+                prompt = json.loads(line).get("prompt")
+            except (ValueError, AttributeError):
+                prompt = None
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise DataError(f"line {n} has no \"prompt\" string", file=str(path), record=n - 1, field="prompt")
+            prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"{path}: holds no prompts")
+    return prompts

@@ -28,12 +28,12 @@ from torch import nn
 
 from editing import evaluation, hooks
 import editing.editors.checks as checks
-from editing.editors.checks import deferred_signals
+from editing.editors.checks import CheckpointMismatchError, deferred_signals
 from editing.data.batch import EditBatch
 from editing.data.records import EditRequest, EvalCase
 from editing.layout import Layout, weight_out_in
 from editing.metrics import EditMetrics, PromptStats
-from editing.models import DEFAULT_MODEL, fingerprint, load_model, load_tokenizer, same_model
+from editing.models import DEFAULT_MODEL, fingerprint, load_model, load_tokenizer
 from editing.tuners import EditLayer, edit_layers
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 
 class EditError(RuntimeError):
     """An edit step failed; the model was left exactly as it was before the step."""
-
-
-class CheckpointMismatchError(RuntimeError):
-    """An edit checkpoint was made on a different base model."""
 
 
 class Editor(pl.LightningModule):
@@ -64,6 +60,7 @@ class Editor(pl.LightningModule):
             from the unedited model's (None: unchecked).
         max_relative_change: the largest ‖edit‖ / ‖weights it changes‖ (None: unchecked).
         max_target_drop: how much a step may lower its own targets' mean token log-probability.
+        predict_tokens: tokens generated per prompt by `predict` / `compare`.
     """
 
     method = "editor"
@@ -72,7 +69,7 @@ class Editor(pl.LightningModule):
                  forward_batch_size: int = 64, fluency: bool = False, fluency_tokens: int = 50,
                  results_name: str = "results.json", max_length: int | None = None, step_checks: bool = True,
                  max_entropy_shift: float | None = 3.0, max_relative_change: float | None = 1000.0,
-                 max_target_drop: float = 0.5):
+                 max_target_drop: float = 0.5, predict_tokens: int = 20):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -85,6 +82,7 @@ class Editor(pl.LightningModule):
         self.evaluation: evaluation.Evaluation | None = None
         self._base_identity: dict | None = None
         self._probe_base: float | None = None
+        self.edit_file: str | None = None     # the edit file loaded or written last (results.json names it)
 
     # --- identity and checkpoints --------------------------------------------------------------
     @property
@@ -144,33 +142,11 @@ class Editor(pl.LightningModule):
         with others does not load."""
         return {}
 
-    def check_identity(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint of another method, or of the same method with another edit shape."""
-        method = checkpoint.get("method")
-        if method != self.method:
-            raise CheckpointMismatchError(f"this edit was made by method {method!r} and cannot be loaded into a "
-                                          f"{type(self).__name__} editor (method {self.method!r})")
-        theirs, ours = checkpoint.get("edit_shape"), self.edit_shape()
-        if theirs is not None and theirs != ours:
-            raise CheckpointMismatchError(f"this {method} edit has shape {theirs} and this editor has {ours}: "
-                                          "configure the editor as the edit was made")
-
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.check_base(checkpoint.get("base_model"))
-        self.check_identity(checkpoint)
+        checks.check_base(checkpoint.get("base_model"), self.base_identity)
+        checks.check_identity(checkpoint, self.method, type(self).__name__, self.edit_shape())
         self.load_edit_meta(checkpoint.get("edit_meta", {}))
         self.edit_log = list(checkpoint.get("edit_log", []))
-
-    def check_base(self, identity: dict | None) -> None:
-        if identity is None:
-            raise CheckpointMismatchError("this checkpoint records no base model identity")
-        if not same_model(identity, self.base_identity):
-            raise CheckpointMismatchError(
-                f"this edit was made on base model {identity.get('name')!r} "
-                f"({identity.get('model_type')}, {identity.get('num_parameters')} parameters, digest "
-                f"{identity.get('digest')}) and cannot be applied to {self.base_identity['name']!r} "
-                f"({self.base_identity['model_type']}, {self.base_identity['num_parameters']} parameters, "
-                f"digest {self.base_identity['digest']})")
 
     def edit_checkpoint(self) -> dict:
         """The edit state alone as a checkpoint dictionary (what `save_edit` writes)."""
@@ -184,17 +160,36 @@ class Editor(pl.LightningModule):
         from editing.edit_file import write_edit_file
         return write_edit_file(self.edit_checkpoint(), path)
 
-    def load_edit(self, path: str | Path) -> None:
-        """Load a safe edit file (never unpickled); refuses another base model, method or edit shape."""
+    def load_edit(self, path: str | Path, checkpoint: dict | None = None) -> None:
+        """Load a safe edit file (never unpickled; `checkpoint`: its contents, already read); refuses
+        another base model, method or edit shape, naming the file."""
         from editing.edit_file import read_edit_file
-        ckpt = read_edit_file(path)
-        self.on_load_checkpoint(ckpt)
+        ckpt = read_edit_file(path) if checkpoint is None else checkpoint
+        try:
+            self.on_load_checkpoint(ckpt)
+        except CheckpointMismatchError as e:
+            raise CheckpointMismatchError(f"{path}: {e}") from None
         self.load_state_dict(ckpt["state_dict"])
+        self.edit_file = str(path)
 
-    def export(self, out: str | Path, requests: list[EditRequest] | None = None) -> Path:
-        """A plain Hugging Face model directory of the edited model (`editing.export`)."""
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """An edit directory (PEFT-style): the safe edit file and edit_config.json, no base weights."""
+        from editing.edit_file import save_pretrained
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, base_model: str | None = None, **overrides) -> "Editor":
+        """The editor saved by `save_pretrained`, with its edit, on `base_model` (default: the edit's)."""
+        from editing.edit_file import from_pretrained
+        editor = from_pretrained(directory, Editor, base_model, **overrides)
+        if not isinstance(editor, cls):
+            raise CheckpointMismatchError(f"{directory}: holds a {type(editor).__name__} edit, not a {cls.__name__} one")
+        return editor
+
+    def export(self, out: str | Path, scores: dict | None = None) -> Path:
+        """A plain Hugging Face model directory of the edited model with a model card (`editing.export`)."""
         from editing.export import export_model
-        return export_model(self, out, requests)
+        return export_model(self, out, scores)
 
     # --- enabling / disabling ----------------------------------------------------------------------
     @contextmanager
@@ -246,7 +241,8 @@ class Editor(pl.LightningModule):
             self.check_finite()
             info.update(self.check_step(requests, before))
             seconds = time.perf_counter() - start
-            self.edit_log.append({"cases": [r.case_id for r in requests], "seconds": seconds})
+            self.edit_log.append({"cases": [r.case_id for r in requests], "seconds": seconds,
+                                  "facts": [[r.text, r.target_new] for r in requests]})
         except BaseException as e:
             with deferred_signals():
                 self.restore(snap)
@@ -318,13 +314,14 @@ class Editor(pl.LightningModule):
         return None
 
     def on_train_end(self) -> None:
-        """Write <run dir>/checkpoints/edit.ckpt: the edit state and the base model's identity
-        (Lightning writes it atomically; every rank calls this, rank 0 writes)."""
-        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        path = run_dir / "checkpoints" / "edit.ckpt"
-        self.trainer.save_checkpoint(path)
+        """Write <run dir>/checkpoints/edit.safetensors: the safe edit file (rank 0, atomically)."""
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank
+        path = run_dir / "checkpoints" / "edit.safetensors"
         if self.trainer.is_global_zero:
-            print(f"edit checkpoint: {path}")
+            self.save_edit(path)
+            print(f"edit file: {path}")
+        self.trainer.strategy.barrier("edit_file")
+        self.edit_file = str(path)
 
     # --- scoring (the logic lives in editing.evaluation) ------------------------------------------
     def prepare_prompt(self, prompt: str) -> str:
@@ -356,6 +353,12 @@ class Editor(pl.LightningModule):
         """Python API: metrics (percentages) over the cases (EditRequests are turned into cases)."""
         return evaluation.evaluate(self, cases, style)
 
+    def compare(self, prompts: str | list[str], max_new_tokens: int | None = None) -> list[dict]:
+        """The edited model's greedy continuation of each prompt beside the unedited one's."""
+        from editing.predict import compare
+        return compare(self, [prompts] if isinstance(prompts, str) else list(prompts),
+                       max_new_tokens or self.hparams.predict_tokens)
+
     # What an editor adds to an evaluation (iReVa: withdrawal metrics and the paper's scores).
     def update_extra_metrics(self, cases: list[EvalCase], metrics: EditMetrics) -> None:
         """Update editor-specific metrics of `metrics` for a batch of cases."""
@@ -371,7 +374,13 @@ class Editor(pl.LightningModule):
     # --- the Lightning test loop (driven by editing.evaluation.EvaluationReport) -----------------
     def configure_callbacks(self):
         from editing.editors.lifecycle import PartialCheckpoint
-        return [evaluation.EvaluationReport(), PartialCheckpoint()]
+        from editing.predict import PredictionReport
+        return [evaluation.EvaluationReport(), PartialCheckpoint(), PredictionReport()]
 
     def test_step(self, batch: list[EvalCase], batch_idx: int) -> None:
         self.evaluation.update(batch)
+
+    def predict_step(self, batch: list[tuple[int, str]], batch_idx: int) -> list[dict]:
+        """(index, prompt) pairs -> their `compare` rows, with the index (PredictionReport orders them)."""
+        rows = self.compare([p for _, p in batch])
+        return [{"index": i, **row} for (i, _), row in zip(batch, rows)]

@@ -10,6 +10,8 @@
   nats of the unedited model's, and the edit's size relative to the weights it changes must stay
   below `max_relative_change`. A failed check raises `StepCheckError` (the step is rolled back); a
   step that changed nothing is reported (`no_op` in the logged numbers and a warning), not hidden.
+- `check_base` / `check_identity`: an edit file loads only onto the base model it was made on, into
+  an editor of its method and edit shape.
 - `deferred_signals`: Ctrl-C / SIGTERM arriving while a failed step is being rolled back are held
   until the rollback is complete.
 """
@@ -26,8 +28,39 @@ from typing import Iterator
 import torch
 
 from editing.data.records import DataError, EditRequest
+from editing.models import same_model
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(RuntimeError):
+    """An edit file was made on another base model, by another method, or with another edit shape."""
+
+
+def check_identity(checkpoint: dict, method: str, editor_name: str, edit_shape: dict) -> None:
+    """Refuse a checkpoint of another method, or of the same method with another edit shape."""
+    theirs = checkpoint.get("method")
+    if theirs != method:
+        raise CheckpointMismatchError(f"this edit was made by method {theirs!r} and cannot be loaded into a "
+                                      f"{editor_name} editor (method {method!r})")
+    shape = checkpoint.get("edit_shape")
+    if shape is not None and shape != edit_shape:
+        raise CheckpointMismatchError(f"this {theirs} edit has shape {shape} and this editor has {edit_shape}: "
+                                      "configure the editor as the edit was made")
+
+
+def describe_model(identity: dict) -> str:
+    return (f"{identity.get('name')!r} ({identity.get('model_type')}, {identity.get('num_parameters')} parameters, "
+            f"digest {identity.get('digest')})")
+
+
+def check_base(identity: dict | None, ours: dict) -> None:
+    """Refuse an edit made on another base model than `ours` (identities of `editing.models.fingerprint`)."""
+    if identity is None:
+        raise CheckpointMismatchError("this checkpoint records no base model identity")
+    if not same_model(identity, ours):
+        raise CheckpointMismatchError(f"this edit was made on base model {describe_model(identity)} and cannot be "
+                                      f"applied to {describe_model(ours)}")
 
 PROBE_PROMPTS = ("The", "In 1990, the", "My favourite food is")
 

@@ -2,7 +2,7 @@
 
 The step in flight is rolled back by `Editor.edit` (or, for SIGTERM, which Lightning turns into an
 exception between steps, finishes first). `PartialCheckpoint` then writes the edit state of the steps
-that completed to `<run dir>/checkpoints/edit.partial.ckpt` as a safe edit file (`editing.edit_file`; atomically; marked `partial` with its
+that completed to `<run dir>/checkpoints/edit.partial.safetensors` as a safe edit file (`editing.edit_file`; atomically; marked `partial` with its
 step count and the reason; a name already taken gets a numbered suffix, so no earlier checkpoint is
 overwritten) or says plainly that nothing was saved. The CLI exits non-zero (1 for Ctrl-C, 143 for
 SIGTERM).
@@ -39,7 +39,7 @@ class PartialCheckpoint(pl.Callback):
             print(f"interrupted ({reason}) before any edit step completed: nothing was saved", file=sys.stderr)
             return
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        path = free_path(run_dir / "checkpoints" / "edit.partial.ckpt")
+        path = free_path(run_dir / "checkpoints" / "edit.partial.safetensors")
         ckpt = pl_module.edit_checkpoint()
         ckpt["partial"] = {"steps": steps, "edits": sum(len(e["cases"]) for e in pl_module.edit_log),
                            "reason": reason}
