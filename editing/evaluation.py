@@ -146,6 +146,7 @@ def report(editor, values: dict, eval_seconds: float, datamodule=None, world_siz
         "model": editor.hparams.base_model,
         "data": dm.description if dm is not None else None,
         "num_edits": edited if edited else (dm.num_selected if dm is not None else 0),
+        "edit_file": editor.edit_file,
         "edit_batch_size": dm.hparams.edit_batch_size if dm is not None else None,
         "timing": {"edit": float(sum(e["seconds"] for e in editor.edit_log)), "evaluate": eval_seconds},
         "metrics": values,

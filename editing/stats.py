@@ -21,7 +21,7 @@ bf16 values and a bf16 matmul (float32 accumulation, output rounded to bf16: rel
 <= 2^-9 per entry and batch, unbiased) is ~3.5x faster; see `_products_dtype`.
 
 Precision. `forward_dtype="auto"` runs a float32 model's forward on a CPU in bfloat16 through
-autocast: the weights stay float32 and untouched, the matmuls run in bf16 (3-4x faster on CPUs with
+autocast where bf16 matmuls are fast (`editing.precision`; elsewhere float32): the weights stay float32 and untouched, the matmuls run in bf16 (3-4x faster on CPUs with
 bf16 units), norms and the residual stream stay float32. On SmolLM2-135M (layers 3-7, 300-500
 wiki-offline texts) the result differs from a float32 forward by ~0.5-0.7% in Frobenius norm and
 ~0.3% of the largest entry (benchmarks/stats_speed.py prints it). Elsewhere "auto" keeps the
@@ -56,6 +56,7 @@ from editing.tokens import pad_right
 from editing.corpus import DEFAULT_CORPUS, corpus_id, load_corpus
 from editing.layout import Layout
 from editing.models import cache_dir, fingerprint
+from editing.precision import fast_dtype
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,11 @@ def key_dim(model: nn.Module, layer: int) -> int:
 
 
 def resolve_forward_dtype(model: nn.Module, forward_dtype: str = "auto") -> str:
-    """The dtype name the forward runs in: "auto" is bfloat16 for a float32 model on a CPU, else the
-    model's own dtype."""
+    """The dtype name the forward runs in: "auto" is bfloat16 for a float32 model on a CPU with fast
+    bf16 matmuls (`editing.precision`), else the model's own dtype."""
     param = next(model.parameters())
     if forward_dtype == "auto":
-        if param.dtype == torch.float32 and param.device.type == "cpu":
+        if param.dtype == torch.float32 and param.device.type == "cpu" and fast_dtype("cpu", torch.bfloat16):
             return "bfloat16"
         forward_dtype = str(param.dtype).removeprefix("torch.")
     if forward_dtype not in FORWARD_DTYPES:

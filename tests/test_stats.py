@@ -187,7 +187,7 @@ def test_bf16_forward_is_close_and_leaves_the_model_unchanged(tiny_dirs, text_fi
     ref = second_moments(model, tok, [0, 2], corpus=text_file, forward_dtype="float32", cache=False, progress=False)
     real = stats._accumulate
     monkeypatch.setattr(stats, "_accumulate", lambda *a, **k: real(*a, **{**k, "mode": mode}))
-    got = second_moments(model, tok, [0, 2], corpus=text_file, forward_dtype="auto", cache=False, progress=False)
+    got = second_moments(model, tok, [0, 2], corpus=text_file, forward_dtype="bfloat16", cache=False, progress=False)
     for l in (0, 2):
         assert got[l].dtype == torch.float32
         assert (got[l] - ref[l]).norm() / ref[l].norm() < 0.03
@@ -243,3 +243,16 @@ def test_smollm2_bf16_close_to_float32(smollm2_path, tmp_path, monkeypatch):
     c = fp32[3]
     assert c.shape == (1536, 1536) and torch.allclose(c, c.T, atol=1e-5 * c.abs().max().item())
     assert (bf16[3] - c).norm() / c.norm() < 0.02
+
+
+def test_auto_precision_uses_bf16_only_where_it_is_fast(tiny_dirs, monkeypatch):
+    """`forward_dtype="auto"` and `v_autocast` fall back to float32 on a CPU whose bf16 matmuls are slow
+    (editing.precision), and keep bf16 where they are fast."""
+    from editing import precision
+    model, _ = _load(tiny_dirs["llama"])
+    for fast, name in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(stats, "fast_dtype", lambda device, dtype, fast=fast: fast)
+        assert stats.resolve_forward_dtype(model, "auto") == name
+        monkeypatch.setattr(precision, "fast_dtype", lambda device, dtype, fast=fast: fast)
+        assert precision.usable_autocast("bfloat16", torch.device("cpu")) == (name if fast else None)
+    assert precision.usable_autocast(None, torch.device("cpu")) is None

@@ -14,6 +14,7 @@ from editing.data.records import EditRequest
 from editing.editors.locate.keys import POSITIONS, Part, Position
 from editing.editors.locate.templates import fill
 from editing.layout import Layout
+from editing.precision import usable_autocast
 from editing.tokens import encode
 from editing.validation import check_choice
 
@@ -150,6 +151,7 @@ def compute_targets(layout: Layout, tokenizer, requests: list[EditRequest], cfg:
     init_kl_logp = None
     loss_r = torch.zeros(u, device=device)
     step = 0
+    autocast = usable_autocast(cfg.autocast, device)
     is_rewrite = torch.arange(len(texts), device=device) < n_rw
     lengths = batch.attention_mask.sum(1)
     for step in range(cfg.steps):
@@ -166,8 +168,8 @@ def compute_targets(layout: Layout, tokenizer, requests: list[EditRequest], cfg:
             width = int(lengths[chunk].max())
             mask = batch.attention_mask[chunk, :width]
             ctx = [hooks.add_at(modules[s.name], at[s.name][chunk], delta[own, j]) for j, s in enumerate(sites)]
-            if cfg.autocast is not None:
-                ctx.append(torch.autocast(device.type, dtype=getattr(torch, cfg.autocast)))
+            if autocast is not None:
+                ctx.append(torch.autocast(device.type, dtype=getattr(torch, autocast)))
             with ExitStack() as stack:
                 for c in ctx:
                     stack.enter_context(c)
