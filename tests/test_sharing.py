@@ -145,6 +145,12 @@ def test_cli_predict_prints_and_writes_edited_beside_unedited(fitted, tmp_path):
     assert rows == editor.compare([edited_prompt, "The weather today is"])
     assert rows[0]["changed"] and rows[0]["edited"] != rows[0]["unedited"]
     assert "| prompt | edited model | unedited model |" in proc.stdout and edited_prompt in proc.stdout
+    # two processes answer a share each; rank 0 writes all of them in order
+    cli("predict", *FT_ARGS, "--model.init_args.base_model", llama, "--ckpt_path", path, "--data.prompts", prompts,
+        "--trainer.default_root_dir", tmp_path / "ddp", "--trainer.strategy", "ddp", "--trainer.devices", 2,
+        "--trainer.accelerator", "cpu")
+    [ddp] = (tmp_path / "ddp").rglob("predictions.jsonl")
+    assert [json.loads(line) for line in ddp.read_text().splitlines()] == rows
 
 
 def test_an_edit_directory_round_trips_and_refuses_another_base(tiny_dirs, tmp_path):
