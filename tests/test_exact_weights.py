@@ -3,7 +3,15 @@
 `tests/data/exact_weights.safetensors` was recorded from the code before the core became a package
 (commit ff18631) with `RECORD_EXACT_WEIGHTS=1 python -m pytest tests/test_exact_weights.py`. On the
 recording machine the refactored code reproduces every tensor bit for bit; the comparison allows a
-float32 rounding of slack because another CPU's BLAS kernels may round differently."""
+float32 rounding of slack.
+
+Another CPU's matmul kernels round differently, and a few steps of Adam with early stopping and
+z-score gating (discrete decisions) can turn that rounding into a different edit: on an AVX2-only
+EPYC, memit_llama differs by 28 % of its delta and comeba_gpt2 by 145 %, with the code of ff18631
+as well as now. So recordings are kept per matmul numerics (`numerics()`, a hash of fixed float32
+matmuls): a machine whose numerics have a recording (`<numerics>/<case>.<layer>` keys, written with
+RECORD_EXACT_WEIGHTS=1 from code already checked on the first machine) compares against it; any
+other compares against the original recording."""
 import os
 from pathlib import Path
 
@@ -33,6 +41,16 @@ CASES = {
 }
 
 
+def numerics() -> str:
+    """A hash of fixed float32 matmuls: equal on machines whose kernels round alike."""
+    import hashlib
+    g, h = torch.Generator().manual_seed(0), hashlib.sha256()
+    for m, k, n in ((37, 53, 29), (256, 256, 256), (3, 1536, 576)):
+        a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+        h.update((a @ b).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def edited_weights(name: str, tiny_dirs) -> dict[str, torch.Tensor]:
     cls, family, kw = CASES[name]
     ed = with_stats(cls(base_model=str(tiny_dirs[family]), **{**FAST, **kw}))
@@ -48,7 +66,10 @@ def edited_weights(name: str, tiny_dirs) -> dict[str, torch.Tensor]:
 def recorded():
     if RECORD:
         return {}
-    return load_file(str(DATA))
+    everything = load_file(str(DATA))
+    prefix = numerics() + "/"
+    own = {k.removeprefix(prefix): v for k, v in everything.items() if k.startswith(prefix)}
+    return own or {k: v for k, v in everything.items() if "/" not in k}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -56,7 +77,8 @@ def test_weights_as_recorded(name, tiny_dirs, recorded):
     got = edited_weights(name, tiny_dirs)
     if RECORD:
         old = load_file(str(DATA)) if DATA.exists() else {}
-        save_file({**old, **got}, str(DATA))
+        prefix = "" if os.environ.get("RECORD_EXACT_WEIGHTS_ORIGINAL") == "1" else numerics() + "/"
+        save_file({**old, **{prefix + k: v for k, v in got.items()}}, str(DATA))
         return
     for key, w in got.items():
         ref = recorded[key]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from editing.editors import COMEBA, FT, MEMIT, IReVa
+from editing.editors import COMEBA, FT, JEEP, MEMIT, PMET, ROME, AdaPLE, IReVa
 from editing.export import ExportError
 from editing.tuners import DeltaLinear
 from tests.test_locate import REQS, with_stats
@@ -41,6 +41,24 @@ def test_export_loads_with_transformers_and_matches(tiny_dirs, tmp_path, family,
         assert isinstance(ed.layout.mlp_out(1), DeltaLinear) and not ed.layout.mlp_out(1).merged
 
 
+@pytest.mark.parametrize("make", [lambda p: with_stats(ROME(base_model=p, layers=[1], **FAST)),
+                                  lambda p: with_stats(PMET(base_model=p, layers=[0, 1], **FAST)),
+                                  lambda p: with_stats(AdaPLE(base_model=p, layers=[0, 1], **FAST)),
+                                  lambda p: with_stats(JEEP(base_model=p, layers=[0], high_layers=[2], **FAST)),
+                                  lambda p: with_stats(COMEBA(base_model=p, layers=[0, 1], hook=False, **FAST))],
+                         ids=["rome", "pmet", "adaple", "jeep", "comeba_hk-nohook"])
+def test_every_weight_writing_editor_exports(tiny_llama, tmp_path, make):
+    ed = make(tiny_llama)
+    ed.edit(REQS[:2] if not isinstance(ed, ROME) else REQS[:1])
+    texts = [r.text for r in REQS[:2]]
+    edited = logits(ed.model, ed.tokenizer, texts)
+    out = ed.export(tmp_path / "out")
+    got = logits(AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out), texts)
+    assert (got - edited).abs().max() <= 1e-4
+    with ed.disabled():
+        assert (logits(ed.model, ed.tokenizer, texts) - edited).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("make", [lambda p: IReVa(base_model=p, layers=[1], retrofit=False),
                                   lambda p: with_stats(COMEBA(base_model=p, layers=[0, 1], **FAST))])
 def test_unmergeable_edits_are_refused(tiny_llama, tmp_path, make):
@@ -48,4 +66,10 @@ def test_unmergeable_edits_are_refused(tiny_llama, tmp_path, make):
     ed.edit(REQS[:1])
     with pytest.raises(ExportError, match="cannot be merged.*save_edit"):
         ed.export(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_editor_without_an_edit_does_not_export(tiny_llama, tmp_path):
+    with pytest.raises(ExportError, match="nothing to export"):
+        FT(base_model=tiny_llama, layers=[1]).export(tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -167,21 +167,27 @@ def test_withdrawing_every_edit_restores_base_logits_exactly(tiny_llama, mode):
     editor = make(tiny_llama, alpha=2.0, withdraw_mode=mode)
     for r in REQS:
         editor.edit([r])
+    # one prompt per forward: a plain forward's adaptor acts at the last position, which is then
+    # the prompt's own last token (with right padding it would be a pad for the shorter rows)
     texts = [r.text for r in REQS] + [UNRELATED]
-    batch = editor.tokenizer(texts, return_tensors="pt", padding=True)
+    batches = [editor.tokenizer(t, return_tensors="pt") for t in texts]
+
+    def forward():
+        return torch.cat([editor.model(**b).logits[:, -1] for b in batches])
+
     with torch.no_grad():
         with editor.disabled():
-            base = editor.model(**batch).logits
-        edited = editor.model(**batch).logits
+            base = forward()
+        edited = forward()
         assert not torch.equal(base, edited)
         with editor.withdrawn([r.case_id for r in REQS]):
-            assert torch.equal(editor.model(**batch).logits, base)
-        assert torch.equal(editor.model(**batch).logits, edited)  # restored after the context
+            assert torch.equal(forward(), base)
+        assert torch.equal(forward(), edited)  # restored after the context
         n = editor.num_neurons
         affected = editor.withdraw([r.case_id for r in REQS])
         assert affected == n
         assert editor.num_neurons == (n if mode == "zero" else 0)
-        assert torch.equal(editor.model(**batch).logits, base)
+        assert torch.equal(forward(), base)
     with pytest.raises(KeyError, match="nope"):
         editor.withdraw("nope")
 
