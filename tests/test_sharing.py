@@ -173,8 +173,13 @@ def test_a_wheel_install_gives_the_editing_command_and_its_configs(tmp_path):
     """`pip install` of the built wheel (not -e): the `editing` command with the same subcommands as
     cli.py, and configs found by name from the package, run outside the repository."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    import shutil
+    src = tmp_path / "src"   # built from a copy, so that the build writes nothing into the repository
+    shutil.copytree(ROOT / "editing", src / "editing", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     pip = [sys.executable, "-m", "pip", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "-w", tmp_path / "wheel", ROOT], check=True, env=env,
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", tmp_path / "wheel", src], check=True, env=env,
                    capture_output=True, cwd=tmp_path)
     [wheel] = (tmp_path / "wheel").glob("editing-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", tmp_path / "site", wheel], check=True, env=env,
