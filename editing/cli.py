@@ -18,11 +18,13 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from editing.console import EditProgressBar, quiet
 from editing.data.module import EditDataModule
 from editing.edit_file import read_edit_file
 from editing.editors.base import CheckpointMismatchError, EditError, Editor
@@ -95,11 +97,19 @@ class EditTrainer(pl.Trainer):
 class EditingCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+        # `verbose` of trainer.test/validate is this CLI's own --verbose (below), for every subcommand.
+        subs = {k: set(v) | ({"verbose"} if k in ("test", "validate") else set())
+                for k, v in LightningCLI.subcommands().items()}
+        return {**subs, "export": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="after `fit`, evaluate the edited model and print the metrics table")
+        parser.add_argument("--verbose_metrics", type=bool, default=False,
+                            help="after an evaluation print every metric, not only the headline table")
+        parser.add_argument("--verbose", type=bool, default=False,
+                            help="show the notices and warnings that are expected in an editing run "
+                                 "(hidden by default, see editing/console.py), and Lightning's own metric printout")
 
     def _parse_ckpt_path(self) -> None:
         """Read --ckpt_path as a safe edit file and refuse one of another method than the config's
@@ -128,11 +138,16 @@ class EditingCLI(LightningCLI):
             self.model.load_edit(*self._edit)
         if subcommand == "export":
             kwargs["ckpt_path"] = path
+        if subcommand in ("test", "validate"):
+            kwargs["verbose"] = self.config[subcommand].get("verbose", False)
+        self.model.verbose_metrics = self.config[subcommand].get("verbose_metrics", False)
         return kwargs
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
         if config.get("logger") in (None, True):  # explicit loggers: CSV, and TensorBoard when installed
             config["logger"] = default_loggers(config.get("default_root_dir") or "runs")
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks = [*callbacks, EditProgressBar()]  # counts cases, with an ETA (editing.console)
         return super()._instantiate_trainer(config, callbacks)
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -143,8 +158,9 @@ class EditingCLI(LightningCLI):
             raise
 
     def after_fit(self) -> None:
-        if self.config[self.subcommand].get("test_after_fit"):
-            self.trainer.test(self.model, datamodule=self.datamodule)
+        cfg = self.config[self.subcommand]
+        if cfg.get("test_after_fit"):
+            self.trainer.test(self.model, datamodule=self.datamodule, verbose=cfg.get("verbose", False))
 
 
 # Errors a user causes (bad data, bad options, a checkpoint of another model or method, a step that
@@ -195,12 +211,24 @@ def remove_empty_run_dir(trainer) -> None:
         shutil.rmtree(log_dir, ignore_errors=True)
 
 
+def wants_verbose(args: list[str]) -> bool:
+    """Whether the command line asks for --verbose (read before parsing: the filters must be in place
+    before the model loads)."""
+    for i, a in enumerate(args):
+        value = a.split("=", 1)[1] if a.startswith("--verbose=") else (
+            args[i + 1] if a == "--verbose" and i + 1 < len(args) else None)
+        if value is not None:
+            return value.strip().lower() in ("true", "1", "yes", "on")
+    return False
+
+
 def main(args=None, run: bool = True) -> EditingCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args is None:
         sys.argv[1:] = resolve_configs(sys.argv[1:])
     elif isinstance(args, list):
         args = resolve_configs([str(a) for a in args])
+    quiet(wants_verbose(sys.argv[1:] if args is None else [str(a) for a in args] if isinstance(args, list) else []))
     try:
         return EditingCLI(Editor, EditDataModule, subclass_mode_model=True, trainer_defaults=TRAINER_DEFAULTS,
                           trainer_class=EditTrainer,

@@ -39,48 +39,72 @@ def _pad(x: torch.Tensor, T: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((x.shape[0], T - x.shape[1]))], dim=1)
 
 
+def _forward(editor, prompts: list[str], targets: list[str], contrasts: list[str | None]) -> dict:
+    """One forward of prompt+target (and prompt+contrast where there is one): per prompt the
+    teacher-forced hits, mask, mean target and contrast log-probs and argmax ids at the target."""
+    with_contrast = [i for i, c in enumerate(contrasts) if c is not None]
+    lp, batch = target_logprobs(editor, prompts + [prompts[i] for i in with_contrast],
+                                targets + [contrasts[i] for i in with_contrast])
+    n = len(prompts)
+    tok_lp = lp.gather(-1, batch.target_ids[..., None]).squeeze(-1) * batch.target_mask
+    mean_lp = tok_lp.sum(1) / batch.target_mask.sum(1).clamp(min=1)
+    argmax = lp.argmax(-1)
+    c_lp = torch.full((n,), float("nan"), device=lp.device)
+    if with_contrast:
+        c_lp[torch.tensor(with_contrast, device=lp.device)] = mean_lp[n:]
+    T = batch.target_ids.shape[1]
+    return {"correct": _pad(argmax[:n] == batch.target_ids[:n], T), "mask": _pad(batch.target_mask[:n], T),
+            "target_logprob": mean_lp[:n].cpu(), "contrast_logprob": c_lp.cpu(), "pred": _pad(argmax[:n], T)}
+
+
+def _stats(kinds: list[str], groups: list[torch.Tensor], parts: list[dict], base_pred: list[torch.Tensor]) -> PromptStats:
+    T = max(p["correct"].shape[1] for p in parts)
+    cat = lambda key: torch.cat([_pad(p[key], T) for p in parts])
+    return PromptStats(kinds=kinds, groups=torch.cat(groups), correct=cat("correct"), mask=cat("mask"),
+                       target_logprob=torch.cat([p["target_logprob"] for p in parts]),
+                       contrast_logprob=torch.cat([p["contrast_logprob"] for p in parts]), pred=cat("pred"),
+                       base_pred=torch.cat([_pad(b, T) for b in base_pred]))
+
+
 @torch.no_grad()
-def score_prompts(editor, cases: list[EvalCase], batch_size: int = 64) -> PromptStats:
+def score_prompts(editor, cases: list[EvalCase], batch_size: int = 64, unedited: bool = False):
     """Teacher-forced statistics of every prompt of every case (see `editing.metrics`): one forward per
     chunk for targets and contrasts together, and the unedited model's predictions where locality is
-    measured."""
+    measured. With `unedited`, also the same statistics of the unedited model on the same prompts
+    (returned second; its locality forward is the one the edited statistics compare against, and an
+    editor holding no edit reuses its own), for the console's edited-versus-unedited table."""
     items = [(c.index, p) for c in cases for p in c.prompts]
     chunk = max(1, batch_size)
-    kinds, groups, correct, mask, tgt_lp, con_lp, pred, base_pred = [], [], [], [], [], [], [], []
+    no_edit = not editor.edit_log
+    kinds, groups, edited, base, base_pred = [], [], [], [], []
     for s in range(0, len(items), chunk):
         part = items[s:s + chunk]
-        prompts = [p.prompt for _, p in part]
-        with_contrast = [i for i, (_, p) in enumerate(part) if p.contrast is not None]
-        all_prompts = prompts + [prompts[i] for i in with_contrast]
-        all_targets = [p.target for _, p in part] + [part[i][1].contrast for i in with_contrast]
-        lp, batch = target_logprobs(editor, all_prompts, all_targets)
-        n = len(part)
-        tok_lp = lp.gather(-1, batch.target_ids[..., None]).squeeze(-1) * batch.target_mask
-        mean_lp = tok_lp.sum(1) / batch.target_mask.sum(1).clamp(min=1)
-        argmax = lp.argmax(-1)
-        c_lp = torch.full((n,), float("nan"), device=lp.device)
-        if with_contrast:
-            c_lp[torch.tensor(with_contrast, device=lp.device)] = mean_lp[n:]
-        T = batch.target_ids.shape[1]
+        prompts, targets = [p.prompt for _, p in part], [p.target for _, p in part]
+        contrasts = [p.contrast for _, p in part]
+        out = _forward(editor, prompts, targets, contrasts)
+        n, T = len(part), out["correct"].shape[1]
         kinds += [p.kind for _, p in part]
         groups.append(torch.tensor([g for g, _ in part]))
-        correct.append(_pad(argmax[:n] == batch.target_ids[:n], T))
-        mask.append(_pad(batch.target_mask[:n], T))
-        tgt_lp.append(mean_lp[:n].cpu())
-        con_lp.append(c_lp.cpu())
-        pred.append(_pad(argmax[:n], T))
-        base = torch.full((n, T), -1, dtype=torch.long)
+        edited.append(out)
         rows = [i for i, (_, p) in enumerate(part) if p.kind in UNCHANGED_KINDS]
-        if rows:
+        bp = torch.full((n, T), -1, dtype=torch.long)
+        if unedited:
+            if no_edit:
+                ref = out
+            else:
+                with editor.disabled():
+                    ref = _forward(editor, prompts, targets, contrasts)
+            base.append(ref)
+            bp[rows] = ref["pred"][rows]
+        elif rows:
             with editor.disabled():
-                base_lp, _ = target_logprobs(editor, [prompts[i] for i in rows], [part[i][1].target for i in rows])
-            base[rows] = _pad(base_lp.argmax(-1), T)
-        base_pred.append(base)
-    T = max(x.shape[1] for x in correct)
-    cat = lambda xs: torch.cat([_pad(x, T) for x in xs])
-    return PromptStats(kinds=kinds, groups=torch.cat(groups), correct=cat(correct), mask=cat(mask),
-                       target_logprob=torch.cat(tgt_lp), contrast_logprob=torch.cat(con_lp), pred=cat(pred),
-                       base_pred=cat(base_pred))
+                ref = _forward(editor, [prompts[i] for i in rows], [targets[i] for i in rows], [None] * len(rows))
+            bp[rows] = ref["pred"]
+        base_pred.append(bp)
+    stats = _stats(kinds, groups, edited, base_pred)
+    if not unedited:
+        return stats
+    return stats, _stats(kinds, groups, base, base_pred)
 
 
 @torch.no_grad()
@@ -99,16 +123,23 @@ def generate(editor, prompts: list[str], max_new_tokens: int = 30, **kwargs) -> 
 
 
 class Evaluation:
-    """One evaluation of one editor: the metrics of a style, updated case batch by case batch."""
+    """One evaluation of one editor: the metrics of a style, updated case batch by case batch; with
+    `unedited`, also the unedited model's metrics on the same cases (`compute_unedited`)."""
 
-    def __init__(self, editor, style: str = "counterfact"):
+    def __init__(self, editor, style: str = "counterfact", unedited: bool = False):
         self.editor = editor
         self.metrics = EditMetrics(style).to(editor.device)
+        self.unedited = EditMetrics(style).to(editor.device) if unedited else None
         self.started = time.perf_counter()
 
     def update(self, cases: list[EvalCase]) -> None:
         ed, h = self.editor, self.editor.hparams
-        self.metrics.update(score_prompts(ed, cases, h.forward_batch_size))
+        if self.unedited is None:
+            self.metrics.update(score_prompts(ed, cases, h.forward_batch_size))
+        else:
+            stats, base = score_prompts(ed, cases, h.forward_batch_size, unedited=True)
+            self.metrics.update(stats)
+            self.unedited.update(base)
         if h.fluency:
             prompts = [p for c in cases for p in c.request.generation_prompts]
             if prompts:
@@ -119,6 +150,10 @@ class Evaluation:
     def compute(self) -> dict:
         """Percentages (synchronised across ranks by torchmetrics: call on every rank)."""
         return self.metrics.compute()
+
+    def compute_unedited(self) -> dict | None:
+        """The unedited model's percentages on the same cases (a collective too), or None."""
+        return None if self.unedited is None else self.unedited.compute()
 
     @property
     def seconds(self) -> float:
@@ -137,8 +172,10 @@ def evaluate(editor, cases: list, style: str = "counterfact") -> dict:
     return {**values, **editor.derived_scores(values)}
 
 
-def report(editor, values: dict, eval_seconds: float, datamodule=None, world_size: int = 1) -> dict:
-    """The results.json document of one evaluation."""
+def report(editor, values: dict, eval_seconds: float, datamodule=None, world_size: int = 1,
+           unedited: dict | None = None) -> dict:
+    """The results.json document of one evaluation (`unedited`: the unedited model's metrics on the
+    same cases)."""
     dm = datamodule
     edited = sum(len(e["cases"]) for e in editor.edit_log)
     return {
@@ -150,6 +187,8 @@ def report(editor, values: dict, eval_seconds: float, datamodule=None, world_siz
         "edit_batch_size": dm.hparams.edit_batch_size if dm is not None else None,
         "timing": {"edit": float(sum(e["seconds"] for e in editor.edit_log)), "evaluate": eval_seconds},
         "metrics": values,
+        **({"unedited": unedited} if unedited is not None else {}),
+        "style": editor.evaluation.metrics.style,
         "definitions": editor.evaluation.metrics.definitions(),
         "config": {"model": dict(editor.hparams), "data": dict(dm.hparams) if dm is not None else None},
         "world_size": world_size,
@@ -159,22 +198,26 @@ def report(editor, values: dict, eval_seconds: float, datamodule=None, world_siz
 
 class EvaluationReport(pl.Callback):
     """Runs the evaluation of `trainer.test`: sets up the editor's `Evaluation` with the DataModule's
-    style, logs the metrics, writes <run dir>/<results_name> atomically and prints the table."""
+    style (and the unedited model's scores on the same cases, `eval_unedited`), logs the metrics,
+    writes <run dir>/<results_name> atomically and prints the compact table (`editing.report.
+    summary_table`; every metric when the editor's `verbose_metrics` is set)."""
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module) -> None:
         dm = trainer.datamodule
-        pl_module.evaluation = Evaluation(pl_module, dm.style if dm is not None else "counterfact")
+        pl_module.evaluation = Evaluation(pl_module, dm.style if dm is not None else "counterfact",
+                                          unedited=pl_module.hparams.eval_unedited)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
         ev = pl_module.evaluation
         values = ev.compute()
+        unedited = ev.compute_unedited()
         seconds = ev.seconds
         pl_module.log_dict({f"test/{k}": float(v) for k, v in values.items()}, rank_zero_only=True)
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: every rank
         if trainer.is_global_zero:
-            doc = report(pl_module, values, seconds, trainer.datamodule, trainer.world_size)
+            doc = report(pl_module, values, seconds, trainer.datamodule, trainer.world_size, unedited)
             path = run_dir / pl_module.hparams.results_name
             write_json_atomic(doc, path)
-            from editing.report import markdown_table
-            print(markdown_table([doc]))
+            from editing.report import summary_table
+            print(summary_table(doc, verbose=pl_module.verbose_metrics))
             print(f"results: {path}")

@@ -5,9 +5,8 @@ the only states are the sum over cases of the per-case means and the number of c
 across ranks (``dist_reduce_fx="sum"``), so the synchronised result equals a single process. Cases are
 never split across batches or ranks, so the per-case grouping happens inside ``update``.
 
-The papers use the same words for different things (METHODS.md §7), so every number is reported
-under its own name (`DEFINITIONS`), and the headline ``reliability`` / ``generality`` / ``locality``
-name the underlying metric they take for the benchmark's style (`headline_definitions`).
+What each number means lives in `editing.definitions` (every key's definition, the headline metric
+each benchmark style takes); this module computes them.
 
 Percentages are 0–100 in `EditMetrics.compute`; the metric classes themselves return fractions 0–1
 (NaN when they have no data).
@@ -25,51 +24,12 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.aggregation import MeanMetric
 
+from editing.definitions import (DEFINITIONS, HEADLINE_FALLBACKS, HEADLINE_KEYS, HEADLINES,  # noqa: F401
+                                 WITHDRAWAL_KEYS, headline_definitions)
+
 KINDS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood", "locality")
 WIN_KINDS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood")
 UNCHANGED_KINDS: tuple[str, ...] = ("neighborhood", "locality")
-HEADLINE_KEYS: tuple[str, ...] = ("reliability", "generality", "locality")
-WITHDRAWAL_KEYS: tuple[str, ...] = ("retrieve_success", "consistency")
-
-DEFINITIONS: dict[str, str] = {
-    "rewrite_acc": "teacher-forced token accuracy of target_new on the edit prompt (zsRE ES of MEMIT/JEEP/iReVa/AdaPLE; EasyEdit/COMEBA-HK reliability)",
-    "paraphrase_acc": "teacher-forced token accuracy of target_new on paraphrases (zsRE PS of MEMIT/JEEP/iReVa/AdaPLE; EasyEdit/COMEBA-HK generality)",
-    "neighborhood_acc": "teacher-forced token accuracy of target_true on neighbourhood prompts (ground-truth accuracy)",
-    "locality_acc": "teacher-forced token accuracy of the locality answer (zsRE NS of MEMIT/JEEP/iReVa/AdaPLE, NQ ground truth)",
-    "rewrite_win": "share of edit prompts where target_new's mean token log-prob beats target_true's (COUNTERFACT efficacy score, ROME/MEMIT/JEEP/AdaPLE)",
-    "paraphrase_win": "share of paraphrases where target_new's mean token log-prob beats target_true's (COUNTERFACT paraphrase/generalisation score)",
-    "neighborhood_win": "share of neighbourhood prompts where target_true's mean token log-prob beats target_new's (COUNTERFACT neighbourhood score)",
-    "neighborhood_unchanged": "share of teacher-forced argmax tokens on neighbourhood prompts unchanged against the unedited model (EasyEdit/COMEBA-HK style)",
-    "locality_unchanged": "share of teacher-forced argmax tokens on the locality prompt unchanged against the unedited model (EasyEdit/COMEBA-HK locality)",
-    "fluency": "ROME generation entropy: per text the mean of 2/3·H2 and 4/3·H3 (n-gram entropies in bits), mean over texts; not a percentage",
-    "retrieve_success": "share of edits whose teacher-forced per-token predictions on the edit prompt change when that edit alone is withdrawn (iReVa RS)",
-    "consistency": "share of edits whose teacher-forced per-token predictions on the edit prompt, with that edit alone withdrawn, equal the unedited model's (iReVa Con)",
-    "reliability": "headline reliability: rewrite_win (counterfact) or rewrite_acc (zsre)",
-    "generality": "headline generality: paraphrase_win (counterfact) or paraphrase_acc (zsre)",
-    "locality": "headline locality: neighborhood_win (counterfact) or locality_unchanged, else neighborhood_unchanged (zsre)",
-    "score": "harmonic mean of reliability, generality and locality (JEEP, AdaPLE, iReVa published version); 0 if any is 0",
-    "score_mean": "arithmetic mean of reliability, generality and locality (iReVa draft and code, COMEBA-HK)",
-}
-
-# Headline key -> underlying metric, per benchmark style.
-HEADLINES: dict[str, dict[str, str]] = {
-    "counterfact": {"reliability": "rewrite_win", "generality": "paraphrase_win", "locality": "neighborhood_win"},
-    "zsre": {"reliability": "rewrite_acc", "generality": "paraphrase_acc", "locality": "locality_unchanged"},
-}
-# Used, in order, when the headline's own metric has no data.
-HEADLINE_FALLBACKS: dict[str, dict[str, tuple[str, ...]]] = {
-    "counterfact": {},
-    "zsre": {"locality": ("neighborhood_unchanged",)},
-}
-
-
-def headline_definitions(style: str) -> dict[str, str]:
-    """Which underlying metric each headline key uses for a benchmark style (key -> metric key)."""
-    if style not in HEADLINES:
-        raise ValueError(f"unknown evaluation style {style!r}; expected one of {sorted(HEADLINES)}")
-    return dict(HEADLINES[style])
-
-
 @dataclass
 class PromptStats:
     """One batch of N scored prompts (T = longest target in tokens).

@@ -4,6 +4,11 @@
         --out report.md --plot report.png [--columns rewrite_acc,locality_acc]
 
 A path may be a results.json file, a run directory (searched recursively for results.json) or a glob.
+Runs of the same method are told apart by the settings that differ between them, else by their run
+folder. The markdown file holds the metric definitions under the table. `summary_table` is the compact
+table the CLI prints after an evaluation: the headline metrics as rows, the edited model beside the
+unedited one on the same cases, with a one-line reading of each.
+
 This module imports neither torch nor the metrics, so the command starts quickly.
 """
 from __future__ import annotations
@@ -14,6 +19,8 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from editing.definitions import DEFINITIONS, SHORT, SUMMARY_KEYS
 
 HEADLINE: tuple[str, ...] = ("reliability", "generality", "locality", "score")
 FIXED: tuple[str, ...] = ("method", "model", "data", "num_edits", "edit_batch_size")
@@ -102,9 +109,20 @@ def _editor_settings(result: dict) -> dict:
     return model if isinstance(model, dict) else {}
 
 
+def _run_labels(results: Sequence[dict]) -> list[str]:
+    """The shortest trailing part of each result's run folder that tells the results apart."""
+    dirs = [Path(r.get("_path", "")).parent.parts for r in results]
+    for n in range(1, max((len(d) for d in dirs), default=0) + 1):
+        labels = ["/".join(d[-n:]) for d in dirs]
+        if len(set(labels)) == len(labels):
+            return labels
+    return ["/".join(d) for d in dirs]
+
+
 def method_names(results: Sequence[dict]) -> list[str]:
     """The method of each result; where several results share a method, the editor settings (the
-    saved config's model section) that differ between them are appended, e.g. "memit [layers=[6, 7]]"."""
+    saved config's model section) that differ between them are appended, e.g. "memit [layers=[6, 7]]",
+    and where that still leaves two alike, the run folder, e.g. "ft (version_1)"."""
     names = []
     for r in results:
         name = str(r.get("method"))
@@ -117,7 +135,67 @@ def method_names(results: Sequence[dict]) -> list[str]:
             if diff:
                 name += " [" + ", ".join(f"{k}={mine.get(k)}" for k in diff) + "]"
         names.append(name)
+    alike = [i for i, n in enumerate(names) if names.count(n) > 1]
+    if alike:
+        runs = _run_labels([results[i] for i in alike])
+        for i, run in zip(alike, runs):
+            names[i] += f" ({run})"
     return names
+
+
+def definitions_block(results: Sequence[dict], columns: Sequence[str]) -> str:
+    """The definition of every column, as the results files give them (a headline key's definition
+    depends on the data's style: each one is listed with the data it belongs to)."""
+    lines = ["Definitions (all percentages of cases, except fluency):", ""]
+    for c in columns:
+        seen: dict[str, list[str]] = {}
+        for r in results:
+            d = (r.get("definitions") or {}).get(c) or DEFINITIONS.get(c)
+            if d:
+                seen.setdefault(d, []).append(str(r.get("data")))
+        if len(seen) == 1:
+            lines.append(f"- `{c}`: {next(iter(seen))}")
+        for d, data in (seen.items() if len(seen) > 1 else ()):
+            lines.append(f"- `{c}` ({', '.join(sorted(set(data)))}): {d}")
+    return "\n".join(lines)
+
+
+def _fmt_seconds(s) -> str:
+    if not isinstance(s, (int, float)):
+        return "?"
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def summary_table(result: dict, verbose: bool = False) -> str:
+    """The compact table of one results document: one row per headline metric (every metric with
+    `verbose`), the edited value beside the unedited model's on the same cases, and what it means."""
+    metrics = result.get("metrics") or {}
+    unedited = result.get("unedited") or {}
+    style = result.get("style") or "counterfact"
+    defs = result.get("definitions") or {}
+    short = SHORT.get(style, {})
+    keys = default_columns([result]) if verbose else [k for k in SUMMARY_KEYS if k in metrics]
+    rows = [[k, _number(metrics.get(k)), _number(unedited.get(k)) if unedited else MISSING,
+             (defs.get(k) or DEFINITIONS.get(k, "")) if verbose else short.get(k) or DEFINITIONS.get(k, "")]
+            for k in keys]
+    header = ["metric", "edited", "unedited", "what it measures (% of cases)"]
+    width = [max(len(x) for x in col) for col in zip(header, *rows)]
+    right = (False, True, True, False)
+
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, width, right)) + " |"
+
+    timing = result.get("timing") or {}
+    steps = result.get("edit_batch_size")
+    steps = "sequentially" if steps == 1 else ("in one step" if steps == -1 else f"in steps of {steps}")
+    title = (f"{result.get('method')} · {result.get('num_edits')} edits {steps} · {result.get('data')} · "
+             f"{result.get('model')} · edit {_fmt_seconds(timing.get('edit'))}, "
+             f"evaluation {_fmt_seconds(timing.get('evaluate'))}")
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(width, right)) + "|"
+    out = [title, "", line(header), sep] + [line(r) for r in rows]
+    if not verbose:
+        out.append(f"(every metric: --verbose_metrics true, or results.json)")
+    return "\n".join(out)
 
 
 def markdown_table(results: Sequence[dict], columns: Sequence[str] | None = None) -> str:
@@ -169,9 +247,10 @@ def bar_chart(results: Sequence[dict], path: str | Path, metrics: Sequence[str] 
         ys = [r.get("metrics", {}).get(m) for m in metrics]
         ys = [float("nan") if v is None else float(v) for v in ys]
         top = max([top] + [v for v in ys if not math.isnan(v)])
-        ax.bar(xs, ys, width, label=label)
+        bars = ax.bar(xs, ys, width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
     ax.set_xticks(range(len(metrics)), metrics)
-    ax.set_ylim(0, 100 if top <= 100 else top * 1.05)
+    ax.set_ylim(0, 110 if top <= 100 else top * 1.1)  # room for the value labels
     ax.set_ylabel("%" if top <= 100 else "value")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -198,8 +277,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = markdown_table(results, columns)
     print(table)
     if args.out:
+        shown = columns or default_columns(results)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table + "\n")
+        Path(args.out).write_text(table + "\n\n" + definitions_block(results, shown) + "\n")
     if args.plot:
         bar_chart(results, args.plot)
 

@@ -61,15 +61,17 @@ class Editor(pl.LightningModule):
         max_relative_change: the largest ‖edit‖ / ‖weights it changes‖ (None: unchecked).
         max_target_drop: how much a step may lower its own targets' mean token log-probability.
         predict_tokens: tokens generated per prompt by `predict` / `compare`.
+        eval_unedited: `test` also scores the unedited model on the same cases (the table's column).
     """
 
     method = "editor"
+    verbose_metrics = False  # the CLI's --verbose_metrics: print every metric after `test`, not the headline
 
     def __init__(self, base_model: str = DEFAULT_MODEL, dtype: str = "float32", chat_template: bool = False,
                  forward_batch_size: int = 64, fluency: bool = False, fluency_tokens: int = 50,
                  results_name: str = "results.json", max_length: int | None = None, step_checks: bool = True,
                  max_entropy_shift: float | None = 3.0, max_relative_change: float | None = 1000.0,
-                 max_target_drop: float = 0.5, predict_tokens: int = 20):
+                 max_target_drop: float = 0.5, predict_tokens: int = 20, eval_unedited: bool = True):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
