@@ -1,4 +1,4 @@
-"""Consecutive batch editing on SmolLM2-135M (COMEBA-HK, ../shared/METHODS.md §5.7): batches of
+"""Consecutive batch editing on SmolLM2-135M (COMEBA-HK, docs/specification.md §5.7): batches of
 `--batch` counterfactual edits applied one after another without rollback, evaluated on every edit made
 so far after every `--eval-every` edits. Methods: COMEBA-HK, MEMIT (consecutive batches, plain update
 written into the weights), COMEBA without hooks (the consecutive update written into the weights), FT-M.

@@ -79,7 +79,7 @@ COLUMNS = ["method", "kind", "n", "ES", "PS", "NS", "score_harmonic", "score_mea
 
 
 def cap_ns(rows: list[dict]) -> list[dict]:
-    """iReVa-v2 caps NS at the unedited model's NS (METHODS.md §7: report raw and capped). Adds
+    """iReVa-v2 caps NS at the unedited model's NS (docs/specification.md §7: report raw and capped). Adds
     `NS_capped` and the harmonic Score with it to every row whose kind has a NoEdit row."""
     base = {r["kind"]: r["NS"] for r in rows if r["method"] == "noedit" and "NS" in r}
     for r in rows:

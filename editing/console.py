@@ -6,7 +6,7 @@
   what will happen, then "editing 18/50 cases [00:40<01:10, 2.2 s/case, ETA 12:04]" (the rate and
   the ETA come from the steps done so far and update as it goes); "evaluating 20/50 cases" in test.
 - `progress(total, desc)`: the bar of an inner loop (statistics texts, target optimisation steps, FT
-  steps), below the main bar; shown on a terminal, off when output is captured, off on ranks > 0.
+  steps), below the main bar and gone when done; off on ranks > 0 and with EDITING_PROGRESS=0.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ EXPECTED_WARNINGS = (
     r".*LeafSpec.*is deprecated.*",
     # editors return their own checkpoint; Lightning notes that ours replace the Trainer's callbacks
     r".*callbacks returned in `LightningModule.configure_callbacks` will override.*",
+    # the test metrics are torchmetrics states summed across ranks before they are logged
+    r".*when logging on epoch level in distributed setting.*",
     # `verbose` of trainer.test is switched off (the CLI prints its own table)
     r".*`weights_only` was not set.*",
 )
@@ -63,11 +65,12 @@ def _rank_zero() -> bool:
     return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0
 
 
-def progress(total: int, desc: str, unit: str = "step"):
-    """A bar for an inner loop (nested under the main bar); off when stdout is not a terminal."""
-    on = _rank_zero() and (sys.stderr.isatty() or os.environ.get("EDITING_PROGRESS") == "1")
+def progress(total: int, desc: str, unit: str = "step", enabled: bool = True):
+    """A bar for an inner loop, nested under the main bar and removed when done; on rank 0 only, and
+    off with EDITING_PROGRESS=0."""
+    on = enabled and _rank_zero() and os.environ.get("EDITING_PROGRESS", "1") != "0"
     return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not on, dynamic_ncols=True,
-                position=1, mininterval=0.5)
+                position=1, mininterval=1.0)
 
 
 def _eta(bar) -> str:
@@ -115,6 +118,8 @@ class EditProgressBar(TQDMProgressBar):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._cases += len(batch) * trainer.world_size if hasattr(batch, "__len__") else 1
         bar = self.train_progress_bar
+        if bar.disable:  # ranks > 0, or --trainer.enable_progress_bar false
+            return
         bar.n = min(self._cases, bar.total or self._cases)
         seconds = (pl_module.edit_log[-1]["seconds"] if pl_module.edit_log else None)
         postfix = [_eta(bar)] + ([f"last step {seconds:.1f} s"] if seconds is not None else [])
@@ -139,6 +144,8 @@ class EditProgressBar(TQDMProgressBar):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._cases += len(batch) * trainer.world_size
         bar = self.test_progress_bar
+        if bar.disable:
+            return
         bar.n = min(self._cases, bar.total or self._cases)
         bar.set_postfix_str(_eta(bar), refresh=False)
         bar.refresh()

@@ -4,7 +4,7 @@ Editors ask a `Layout` for modules ("the MLP output projection of block 7") and 
 class names. Every supported family is one `Family` entry below; to support a new architecture, add
 an entry to `FAMILIES` (and a tiny-model test in tests/test_layout.py).
 
-Vocabulary (see ../shared/METHODS.md §0-1):
+Vocabulary (see docs/specification.md §0-1):
 - *MLP input*: what enters the MLP module (already normalised).
 - *MLP key*: what enters the MLP output projection (`c_proj`, `fc_out`, `dense_4h_to_h`,
   `down_proj`); for gated MLPs that is act(gate(x)) * up(x).

@@ -1,4 +1,4 @@
-"""The contrast-based probe of JEEP (../shared/METHODS.md §4.6, the paper's §4.1): a logit lens.
+"""The contrast-based probe of JEEP (docs/specification.md §4.6, the paper's §4.1): a logit lens.
 
 For every record (a bare edit prompt with its subject, no prefix, no target) the hidden state after
 the embedding and after every block is read at two positions, the subject's last token (SL) and the

@@ -122,7 +122,8 @@ def _run_labels(results: Sequence[dict]) -> list[str]:
 def method_names(results: Sequence[dict]) -> list[str]:
     """The method of each result; where several results share a method, the editor settings (the
     saved config's model section) that differ between them are appended, e.g. "memit [layers=[6, 7]]",
-    and where that still leaves two alike, the run folder, e.g. "ft (version_1)"."""
+    and where that and the table's other columns still leave two alike, the run folder, e.g.
+    "ft (version_1)"."""
     names = []
     for r in results:
         name = str(r.get("method"))
@@ -135,7 +136,8 @@ def method_names(results: Sequence[dict]) -> list[str]:
             if diff:
                 name += " [" + ", ".join(f"{k}={mine.get(k)}" for k in diff) + "]"
         names.append(name)
-    alike = [i for i, n in enumerate(names) if names.count(n) > 1]
+    keys = [(n, *(str(r.get(k)) for k in FIXED[1:])) for n, r in zip(names, results)]
+    alike = [i for i, k in enumerate(keys) if keys.count(k) > 1]  # nothing in the table tells them apart
     if alike:
         runs = _run_labels([results[i] for i in alike])
         for i, run in zip(alike, runs):

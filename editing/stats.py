@@ -1,4 +1,4 @@
-"""Second-moment statistics E[k kᵀ] of the MLP key, per layer, cached on disk (METHODS.md §2.4).
+"""Second-moment statistics E[k kᵀ] of the MLP key, per layer, cached on disk (docs/specification.md §2.4).
 
 Definition. k^l is the input of block l's MLP output projection (`Layout.mlp_out(l)`: `c_proj`,
 `fc_out`, `dense_4h_to_h`, `down_proj`; for gated MLPs act(gate(x)) * up(x)). For a corpus,
@@ -239,7 +239,7 @@ def _accumulate(model, lay: Layout, tokenizer, layers: list[int], texts: list[st
     """(float64 Σ KᵀK per layer, token count, text count) in one truncated pass.
 
     products: the dtype of the per-batch KᵀK (default `_products_dtype`)."""
-    from tqdm.auto import tqdm
+    from editing.console import progress as bar_of
 
     enc = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
     enc = [e for e in enc if len(e) > 0]
@@ -250,7 +250,7 @@ def _accumulate(model, lay: Layout, tokenizer, layers: list[int], texts: list[st
     count = 0
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(texts), desc=f"statistics layers {layers}", disable=not progress, unit="text")
+    bar = bar_of(len(texts), f"statistics E[kkᵀ] of layers {layers} (cached once per model)", "text", progress)
     try:
         with forward_precision(model, dtype, mode), \
                 hooks.capture({l: lay.mlp_out(l) for l in layers}, "input") as cap:

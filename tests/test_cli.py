@@ -98,3 +98,50 @@ def test_memit_ddp_fit_shards_targets_and_matches_one_process(tiny_dirs, tmp_pat
         d2 = h2[0][layer][0].double() @ h2[0][layer][1].double().T
         assert d1.norm() > 0
         assert torch.allclose(d1, d2, rtol=1e-3, atol=1e-4 * float(d1.abs().max())), layer
+
+
+def test_console_output_is_a_compact_table_without_noise(tiny_dirs, tmp_path):
+    """What a person sees after `fit --test_after_fit true`: the headline metrics as rows, the edited
+    model beside the unedited one on the same cases, a reading of each, progress in cases; none of
+    Lightning's notices, expected warnings or its own unrounded metric printout (all back with --verbose)."""
+    args = [sys.executable, "cli.py", "fit", "--config", "configs/ft.yaml", "--model.init_args.base_model",
+            tiny_dirs["llama"], "--model.init_args.layers", "[1]", "--data.num_edits", 4,
+            "--trainer.default_root_dir", tmp_path, "--test_after_fit", "true"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    proc = subprocess.run([str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out, seen = proc.stdout, proc.stdout + proc.stderr
+    assert "editing 4 cases of pararel_counterfactual" in out and "4/4 cases" in out
+    table = [l for l in out.splitlines() if l.startswith("| ")]
+    assert [c.strip() for c in table[0].strip("|").split("|")] == ["metric", "edited", "unedited",
+                                                                   "what it measures (% of cases)"]
+    rows = {r.strip("|").split("|")[0].strip(): [c.strip() for c in r.strip("|").split("|")[1:]] for r in table[1:]}
+    assert list(rows) == ["reliability", "generality", "locality", "score"]
+    [res] = results(tmp_path)
+    for key, (edited, unedited, meaning) in rows.items():
+        assert edited == f"{res['metrics'][key]:.1f}" and unedited == f"{res['unedited'][key]:.1f}" and meaning
+    assert rows["reliability"][2] == "edit prompts where the new target is more likely than the true one"
+    assert max(len(l) for l in table) <= 110  # fits a terminal
+    for noise in ("Test metric", "DataLoader 0", "litlogger", "eval mode", "LeafSpec", "GPU available",
+                  "Seed set", "weights_only", "v_num", "Epoch 0"):
+        assert noise not in seen, noise
+    # --verbose brings the notices back
+    proc = subprocess.run([str(a) for a in args] + ["--verbose", "true"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0 and "Test metric" in proc.stdout and "eval mode" in proc.stderr
+
+
+def test_unedited_column_is_the_unedited_model(tiny_dirs, tmp_path):
+    """results.json's `unedited` is the unedited model on the same cases: NoEdit's own metrics, and
+    the disabled model's for an edit."""
+    cli("test", "--config", "configs/noedit.yaml", "--model.init_args.base_model", tiny_dirs["llama"],
+        "--data.num_edits", 4, "--trainer.default_root_dir", tmp_path / "noedit")
+    [base] = results(tmp_path / "noedit")
+    assert base["unedited"] == base["metrics"]
+    cli("fit", "--config", "configs/ft.yaml", "--model.init_args.base_model", tiny_dirs["llama"],
+        "--model.init_args.layers", "[1]", "--model.init_args.lr", "0.05", "--data.num_edits", 4,
+        "--trainer.default_root_dir", tmp_path / "ft", "--test_after_fit", "true")
+    [ft] = results(tmp_path / "ft")
+    for k, v in base["metrics"].items():
+        assert ft["unedited"][k] == pytest.approx(v, abs=1e-6), k
+    assert ft["metrics"]["reliability"] != ft["unedited"]["reliability"]

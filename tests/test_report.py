@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from editing.report import bar_chart, default_columns, load_results, main, markdown_table, method_names
+from editing.report import (bar_chart, default_columns, load_results, main, markdown_table, method_names,
+                            summary_table)
 
 
 def fake(tmp_path, name, method, rel, num_edits=50, **metrics):
@@ -41,7 +42,9 @@ def test_table_and_chart(tmp_path, capsys):
     assert written.splitlines()[0].endswith("| reliability | fluency | edit_s | eval_s |")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     printed = capsys.readouterr().out
-    assert "noedit" in printed and printed.strip() == written.strip()
+    assert "noedit" in printed and written.startswith(printed.strip())
+    # the definitions of the columns shown are written under the table
+    assert "- `reliability`:" in written and "- `fluency`:" in written and "- `locality`" not in written
 
 
 def test_same_file_twice_is_loaded_once_and_missing_values(tmp_path):
@@ -108,3 +111,55 @@ def test_same_method_runs_are_told_apart_by_their_differing_settings(tmp_path):
     assert rows[0].startswith("| memit [layers=[3, 4]] | smollm2-135m |") and rows[2].startswith("| noedit |")
     png = bar_chart(results, tmp_path / "chart.png")
     assert png.stat().st_size > 1000
+
+
+def test_identical_runs_are_told_apart_by_their_run_folder(tmp_path, monkeypatch):
+    """Two runs of one method with the same settings: the run folder tells them apart, in the table
+    and in the chart's legend."""
+    for version in ("version_0", "version_1"):
+        d = tmp_path / "ft" / "lightning_logs" / version
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"method": "ft", "metrics": {"reliability": 50.0},
+                                                     "config": {"model": {"lr": 0.1}}}))
+    results = load_results([tmp_path])
+    assert method_names(results) == ["ft (version_0)", "ft (version_1)"]
+    from matplotlib.axes import Axes
+    legends = []
+    monkeypatch.setattr(Axes, "legend", lambda self, *a, **k: legends.append(self.get_legend_handles_labels()[1]))
+    labels = []
+    real = Axes.bar_label
+    monkeypatch.setattr(Axes, "bar_label", lambda self, bars, **k: labels.append(real(self, bars, **k)))
+    bar_chart(results, tmp_path / "chart.png")
+    assert legends == [["ft (version_0)", "ft (version_1)"]]
+    assert [[t.get_text() for t in texts] for texts in labels][0][0] == "50.0"  # value labels on the bars
+
+
+def _doc(style="counterfact", unedited=True):
+    metrics = {"reliability": 96.04, "generality": 71.26, "locality": 63.0, "score": 74.1, "rewrite_acc": 80.0,
+               "neighborhood_unchanged": 90.0}
+    doc = {"method": "memit", "model": "smollm2-135m", "data": "pararel_counterfactual", "num_edits": 50,
+           "edit_batch_size": 50, "timing": {"edit": 61.0, "evaluate": 200.0}, "metrics": metrics, "style": style}
+    if unedited:
+        doc["unedited"] = {"reliability": 12.0, "generality": 15.5, "locality": 88.0, "score": 19.9,
+                           "rewrite_acc": 3.0, "neighborhood_unchanged": 100.0}
+    return doc
+
+
+def test_summary_table_is_compact_and_says_what_each_row_means():
+    lines = summary_table(_doc()).splitlines()
+    assert lines[0].startswith("memit · 50 edits in steps of 50 · pararel_counterfactual · smollm2-135m · edit 61.0 s")
+    assert "evaluation 3.3 min" in lines[0]
+    header, rows = lines[2], lines[4:8]
+    assert [c.strip() for c in header.strip("|").split("|")][:3] == ["metric", "edited", "unedited"]
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    assert [c[:3] for c in cells] == [["reliability", "96.0", "12.0"], ["generality", "71.3", "15.5"],
+                                      ["locality", "63.0", "88.0"], ["score", "74.1", "19.9"]]
+    assert "new target is more likely than the true one" in cells[0][3]
+    assert all(len(l) <= 110 for l in lines)          # fits a terminal
+    assert "rewrite_acc" not in "\n".join(lines)      # only the headline rows by default
+    zsre = summary_table(_doc("zsre"))
+    assert "tokens of the new target predicted on the edit prompt" in zsre
+    verbose = summary_table(_doc(), verbose=True)
+    assert "| rewrite_acc" in verbose and "| neighborhood_unchanged" in verbose and "100.0" in verbose
+    # without the unedited scores the column says so instead of inventing numbers
+    assert "| reliability |   96.0 |        – |" in summary_table(_doc(unedited=False))

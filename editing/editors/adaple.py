@@ -1,6 +1,6 @@
 """AdaPLE (Adaptive Precise LLM Editing; "Can We Continually Edit Language Models? On the Knowledge
 Attenuation in Sequential Model Editing"): PMET's targets, an "erase old, insert new" closed form, and
-drop-and-rescale fusion (../shared/METHODS.md §6).
+drop-and-rescale fusion (docs/specification.md §6).
 
 - Targets (§6.1): as PMET, deltas on the attention output and the MLP output of the last edited layer
   optimised together (NLL over context-prefixed prompts + KL on "{subject} is a", KL weight 1); only

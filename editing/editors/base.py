@@ -1,6 +1,6 @@
 """The `Editor` LightningModule: a frozen HF causal LM plus the state of its edits.
 
-Contract (../shared/DESIGN.md, docs/architecture.md):
+Contract (docs/architecture.md):
 - The base model's own weights never receive gradients; the edit state lives in edit modules injected
   into the model (`editing.tuners`, through `Layout.inject`) or on the Editor (e.g. the closed-form
   editors' weight history) and is the only thing a checkpoint holds, together with the base model's

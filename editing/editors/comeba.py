@@ -1,4 +1,4 @@
-"""COMEBA-HK (consecutive model editing with batch alongside hook layers), ../shared/METHODS.md §5.
+"""COMEBA-HK (consecutive model editing with batch alongside hook layers), docs/specification.md §5.
 
 MEMIT's multi-layer update (keys at the subject's last token, target z at h^L, residual spread evenly,
 layers lowest first with keys and residuals recomputed), changed in two ways:

@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 
+from editing.console import progress
+
 from editing.data.batch import EditBatch
 from editing.data.records import EditRequest
 from editing.editors.base import Editor
@@ -92,19 +94,22 @@ class FT(Editor):
         opt_cls = torch.optim.AdamW if self.hparams.weight_decay > 0 else torch.optim.Adam
         opt = opt_cls(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         loss_value, step = float("nan"), 0
-        for step in range(1, self.hparams.steps + 1):
-            opt.zero_grad(set_to_none=True)
-            loss = self.loss(requests)
-            loss_value = loss.item()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss_value}")
-            if loss_value < self.hparams.early_stop_loss:
-                break
-            loss.backward()
-            opt.step()
-            if self.hparams.norm_constraint is not None:
-                eps = self.hparams.norm_constraint
-                with torch.no_grad():
-                    for p, p0 in zip(params, start):
-                        p.copy_(p0 + (p - p0).clamp(-eps, eps))
+        with progress(self.hparams.steps, f"fine-tuning on {len(requests)} request(s)") as bar:
+            for step in range(1, self.hparams.steps + 1):
+                opt.zero_grad(set_to_none=True)
+                loss = self.loss(requests)
+                loss_value = loss.item()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss_value}")
+                if loss_value < self.hparams.early_stop_loss:
+                    break
+                loss.backward()
+                opt.step()
+                if self.hparams.norm_constraint is not None:
+                    eps = self.hparams.norm_constraint
+                    with torch.no_grad():
+                        for p, p0 in zip(params, start):
+                            p.copy_(p0 + (p - p0).clamp(-eps, eps))
+                bar.set_postfix_str(f"loss {loss_value:.3f}", refresh=False)
+                bar.update()
         return {"loss": loss_value, "steps": step}

@@ -1,6 +1,6 @@
 """iReVa: initialising and retrofitting key-value adaptors for traceable model editing.
 
-(../shared/METHODS.md §3; ../shared/papers/ireva.md.) One layer l's MLP gains a bank of "knowledge
+(docs/specification.md §3.) One layer l's MLP gains a bank of "knowledge
 neurons", one per edited *token*: MLP(x) + α · V̂ᵀ g(K̂ᵀ x̂ − b), the `KeyValueAdaptor` injected
 around the MLP (`editing.tuners.kv_adaptor`; x̂ standardised per token, max-pooling at inference).
 g is the base model's activation (gelu_new for GPT models; SiLU for Llama-style models, which the

@@ -1,4 +1,4 @@
-"""JEEP (Shi et al., AAAI 2025): joint editing of low and high MLP layers (../shared/METHODS.md §4).
+"""JEEP (Shi et al., AAAI 2025): joint editing of low and high MLP layers (docs/specification.md §4).
 
 Two regions of MLP output projections: low layers [l′..L′] (information enrichment, keyed at the
 subject's last token, SL) and high layers [l*..L*] (probability promotion, keyed at the prediction
@@ -21,7 +21,7 @@ outputs), clamps relative to ‖h‖, residuals measured in the same space (z �
 m^{L′} (clamp relative to ‖m‖), δ* on the attention output a^{L*} (clamp relative to ‖a‖; on
 sequential blocks it also feeds L*'s MLP), low residual z′ − m^{L′}, and the high residual
 (a_init + δ*) − m^{L*}_current, which mixes the attention and MLP spaces (it holds a − m even when
-δ* = 0; METHODS.md §8 JEEP-3). Early stopping follows the code in both modes (mean target probability
+δ* = 0; docs/specification.md §8 JEEP-3). Early stopping follows the code in both modes (mean target probability
 over rows ≥ `v_min_prob`; None: the core's loss < 0.05 rule). The weight decay is the code's
 ‖δ‖/‖init‖² (the paper writes β‖δ‖).
 

@@ -2,7 +2,7 @@
 
 The target z is the residual stream h^L after the last edited layer (§2.7); for each edited layer,
 lowest first: keys at that layer on the current model, the remaining residual z − h^L divided evenly
-over the layers left, and the closed-form update with λ·E[kkᵀ] (../shared/METHODS.md §2.5), all in
+over the layers left, and the closed-form update with λ·E[kkᵀ] (docs/specification.md §2.5), all in
 the core's `spread_update`. PMET and others reuse `apply_edit` and change the target parts, the z
 part and the spreading.
 """

@@ -1,4 +1,4 @@
-"""`HookLayer`: COMEBA-HK's hook layer on an MLP output projection (../shared/METHODS.md §5.3).
+"""`HookLayer`: COMEBA-HK's hook layer on an MLP output projection (docs/specification.md §5.3).
 
 The base layer keeps W₀ and gives P = W₀k̂; the hook layer holds ΔW = W_h − W₀ (the sum of the
 edits, set by its editor) and computes O = P + k̂ΔWᵀ, M = ‖O − P‖ per position, the z-score of M over

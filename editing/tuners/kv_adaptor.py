@@ -1,4 +1,4 @@
-"""`KeyValueAdaptor`: iReVa's bank of knowledge neurons on an MLP (../shared/METHODS.md §3):
+"""`KeyValueAdaptor`: iReVa's bank of knowledge neurons on an MLP (docs/specification.md §3):
 
     MLP(x) + α · V̂ᵀ g(K̂ᵀ x̂ − b)
 

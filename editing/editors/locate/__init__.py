@@ -1,5 +1,5 @@
 """The locate-then-edit core, shared by ROME, MEMIT, PMET, JEEP, COMEBA-HK and AdaPLE
-(../shared/METHODS.md §2; names follow the MEMIT code and paper). One concept per module:
+(docs/specification.md §2; names follow the MEMIT code and paper). One concept per module:
 
 - `templates`: context templates (§2.1) and filling requests into them;
 - `keys`: k, the MLP key at the subject's last token averaged over templates (§2.2), and the current

@@ -1,4 +1,4 @@
-"""Keys k and current values of the locate-then-edit core (../shared/METHODS.md §2.2)."""
+"""Keys k and current values of the locate-then-edit core (docs/specification.md §2.2)."""
 from __future__ import annotations
 
 from typing import Literal, get_args

@@ -1,4 +1,4 @@
-"""The closed form and its spreading over layers (../shared/METHODS.md §2.5, §2.7): the one layer
+"""The closed form and its spreading over layers (docs/specification.md §2.5, §2.7): the one layer
 loop of MEMIT, PMET, AdaPLE, JEEP and COMEBA-HK.
 
 Symbols as in the MEMIT paper and code: keys K [u, d_ff] and residuals R [u, d] as rows (one per

@@ -1,4 +1,4 @@
-"""Target values z (../shared/METHODS.md §2.3): the value a hidden state should take so that every
+"""Target values z (docs/specification.md §2.3): the value a hidden state should take so that every
 context-prefixed prompt predicts target_new, one delta per request optimised in one batched,
 truncated forward (one Adam, requests independent)."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from editing import hooks
+from editing.console import progress
 from editing.data.records import EditRequest
 from editing.editors.locate.keys import POSITIONS, Part, Position
 from editing.editors.locate.templates import fill
@@ -154,6 +155,7 @@ def compute_targets(layout: Layout, tokenizer, requests: list[EditRequest], cfg:
     autocast = usable_autocast(cfg.autocast, device)
     is_rewrite = torch.arange(len(texts), device=device) < n_rw
     lengths = batch.attention_mask.sum(1)
+    bar = progress(cfg.steps, f"target vectors for {u} request(s)")
     for step in range(cfg.steps):
         # Only the rows of requests still optimising run (a stopped request's delta is frozen), in
         # chunks of similar length so that little is spent on padding; gradients accumulate.
@@ -210,6 +212,8 @@ def compute_targets(layout: Layout, tokenizer, requests: list[EditRequest], cfg:
             active &= loss_r >= cfg.early_stop_loss
         else:
             active &= prob < cfg.early_stop_prob
+        bar.set_postfix_str(f"loss {float(loss_r.mean()):.3f}, {int(active.sum())}/{u} still optimising", refresh=False)
+        bar.update()
         if not active.any() or step == cfg.steps - 1:
             break
         frozen = delta.detach()[~active].clone()
@@ -221,6 +225,7 @@ def compute_targets(layout: Layout, tokenizer, requests: list[EditRequest], cfg:
                 norm = delta[:, j].norm(dim=-1)
                 scale = torch.where(norm > limit, limit / norm.clamp(min=1e-12), torch.ones_like(norm))
                 delta[:, j] *= scale[:, None]
+    bar.close()
     z = {s.name: init[s.name] + delta.detach()[:, j] for j, s in enumerate(sites)}
     return Targets(z=z, init=init, loss=loss_r.detach(), steps=step + 1)
 

@@ -1,4 +1,4 @@
-"""Context templates (../shared/METHODS.md §2.1): prefixes the model writes itself, prepended to
+"""Context templates (docs/specification.md §2.1): prefixes the model writes itself, prepended to
 edit prompts, so that an edit generalises beyond the bare prompt."""
 from __future__ import annotations
 
