@@ -20,39 +20,30 @@ from datetime import datetime, timedelta
 from lightning.pytorch.callbacks import TQDMProgressBar
 from tqdm.auto import tqdm
 
-VERBOSE = False
-
 # Expected here, so not shown unless --verbose:
 EXPECTED_WARNINGS = (
     # the frozen base model is in eval mode on purpose (dropout off while an edit is optimised)
     r".*module\(s\) in eval mode.*",
     # a deprecation inside Lightning's own code (lightning/pytorch/utilities/_pytree.py), not ours
     r".*isinstance\(treespec, LeafSpec\).*",
-    r".*LeafSpec.*is deprecated.*",
-    # editors return their own checkpoint; Lightning notes that ours replace the Trainer's callbacks
-    r".*callbacks returned in `LightningModule.configure_callbacks` will override.*",
     # the test metrics are torchmetrics states summed across ranks before they are logged
     r".*when logging on epoch level in distributed setting.*",
-    # `verbose` of trainer.test is switched off (the CLI prints its own table)
-    r".*`weights_only` was not set.*",
 )
-# Lightning's and transformers' informational loggers: device notices, "Seed set to 0", the
-# advertisement for a cloud logger, "`Trainer.fit` stopped: `max_epochs=1` reached".
+# Lightning's informational loggers: device notices, "Seed set to 0", the advertisement for a cloud
+# logger, "`Trainer.fit` stopped: `max_epochs=1` reached", that the editor's callbacks replace the
+# Trainer's (they are the editor's own), "`weights_only` was not set" (edit files hold no pickle).
 QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning")
 
 
 def quiet(verbose: bool = False) -> None:
     """Filter what is expected in an editing run (see EXPECTED_WARNINGS), unless `verbose`."""
-    global VERBOSE
-    VERBOSE = verbose
     if verbose:
         return
     for pattern in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    # Lightning's rank_zero_info notices (the litlogger tip, the callbacks override notice) go through
-    # these loggers too; transformers' "Loading weights" bar and its info messages are not needed.
+    # transformers' "Loading weights" bar and its info messages are not needed either.
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()
@@ -96,16 +87,16 @@ class EditProgressBar(TQDMProgressBar):
         return tqdm(total=total, desc=desc, unit="case", leave=True, dynamic_ncols=True, file=sys.stdout,
                     smoothing=0, bar_format=self.BAR, disable=self.is_disabled)
 
-    def _total_cases(self, trainer, stage: str) -> int:
+    def _total_cases(self, trainer) -> int:
         dm = trainer.datamodule
         n = getattr(dm, "num_selected", None) if dm is not None else None
         return int(n) if n else 0
 
     def on_train_start(self, trainer, pl_module) -> None:
-        total = self._total_cases(trainer, "fit")
+        total = self._total_cases(trainer)
         dm = trainer.datamodule
         if trainer.is_global_zero:
-            steps = convert_steps(dm)
+            steps = step_plan(dm)
             tqdm.write(f"editing {total} cases of {getattr(dm, 'description', 'the data')} into "
                        f"{pl_module.hparams.base_model} with {pl_module.method} ({steps}); "
                        f"an ETA follows the first step", file=sys.stdout)
@@ -136,7 +127,7 @@ class EditProgressBar(TQDMProgressBar):
 
     def on_test_start(self, trainer, pl_module) -> None:
         self._cases = 0
-        self.test_progress_bar = self._bar("evaluating", self._total_cases(trainer, "test"))
+        self.test_progress_bar = self._bar("evaluating", self._total_cases(trainer))
 
     def on_test_batch_start(self, *args, **kwargs) -> None:
         pass
@@ -157,8 +148,8 @@ class EditProgressBar(TQDMProgressBar):
         self.reset_dataloader_idx_tracker()
 
 
-def convert_steps(dm) -> str:
-    """"50 steps of 1 edit" from the DataModule's edit batch size."""
+def step_plan(dm) -> str:
+    """How the cases are edited ("one edit per step, sequentially", ...), from the edit batch size."""
     size = getattr(getattr(dm, "hparams", None), "edit_batch_size", None) if dm is not None else None
     if size == 1:
         return "one edit per step, sequentially"

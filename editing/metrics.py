@@ -30,6 +30,8 @@ from editing.definitions import (DEFINITIONS, HEADLINE_FALLBACKS, HEADLINE_KEYS,
 KINDS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood", "locality")
 WIN_KINDS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood")
 UNCHANGED_KINDS: tuple[str, ...] = ("neighborhood", "locality")
+
+
 @dataclass
 class PromptStats:
     """One batch of N scored prompts (T = longest target in tokens).

@@ -196,7 +196,7 @@ def summary_table(result: dict, verbose: bool = False) -> str:
     sep = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(width, right)) + "|"
     out = [title, "", line(header), sep] + [line(r) for r in rows]
     if not verbose:
-        out.append(f"(every metric: --verbose_metrics true, or results.json)")
+        out.append("(every metric: --verbose_metrics true, or results.json)")
     return "\n".join(out)
 
 

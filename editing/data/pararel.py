@@ -15,8 +15,9 @@ Only patterns whose object slot ends the sentence can serve as next-token prompt
 fewer than two such patterns are skipped. Relations are interleaved round-robin in a seeded order so
 that the first N records span many relations.
 
-Regenerate the shipped files with
-    python -m editing.data.pararel --root ../shared/data/pararel --out editing/data/benchmarks
+Regenerate the shipped files from a copy of ParaRel's data (the `patterns/` and `tuples/` folders
+made from `data/pattern_data/graphs_json/` and `data/trex_lms_vocab/` of github.com/yanaiela/pararel):
+    python -m editing.data.pararel --root path/to/pararel --out editing/data/benchmarks
 """
 from __future__ import annotations
 
@@ -186,7 +187,8 @@ def build_pararel(root: str | Path, kind: Kind = "counterfactual", seed: int = 0
 def main(argv: list[str] | None = None) -> None:
     """Write pararel_counterfactual.jsonl and pararel_factual.jsonl."""
     ap = argparse.ArgumentParser(prog="python -m editing.data.pararel", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", default="../shared/data/pararel", help="ParaRel folder with patterns/ and tuples/")
+    ap.add_argument("--root", required=True,
+                    help="ParaRel folder with patterns/P*.jsonl and tuples/P*.jsonl (from github.com/yanaiela/pararel)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "benchmarks"), help="output folder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=SHIPPED_SIZE, help="records per benchmark")

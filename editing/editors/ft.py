@@ -19,7 +19,6 @@ from typing import Literal
 import torch
 
 from editing.console import progress
-
 from editing.data.batch import EditBatch
 from editing.data.records import EditRequest
 from editing.editors.base import Editor
