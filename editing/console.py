@@ -18,7 +18,7 @@ import warnings
 from datetime import datetime, timedelta
 
 from lightning.pytorch.callbacks import TQDMProgressBar
-from tqdm.auto import tqdm
+from tqdm.auto import tqdm  # (editing/__init__.py hides its notice in notebooks without ipywidgets)
 
 # Expected here, so not shown unless --verbose:
 EXPECTED_WARNINGS = (
@@ -57,11 +57,11 @@ def _rank_zero() -> bool:
 
 
 def progress(total: int, desc: str, unit: str = "step", enabled: bool = True):
-    """A bar for an inner loop, nested under the main bar and removed when done; on rank 0 only, and
-    off with EDITING_PROGRESS=0."""
+    """A bar for an inner loop, removed when done, nested under the main bar when one is open (the
+    CLI's; the Python API has none); on rank 0 only, and off with EDITING_PROGRESS=0."""
     on = enabled and _rank_zero() and os.environ.get("EDITING_PROGRESS", "1") != "0"
     return tqdm(total=total, desc=desc, unit=unit, leave=False, disable=not on, dynamic_ncols=True,
-                position=1, mininterval=1.0)
+                position=1 if tqdm._instances else None, mininterval=1.0)
 
 
 def _eta(bar) -> str:

@@ -168,16 +168,15 @@ def _fmt_seconds(s) -> str:
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
-def summary_table(result: dict, verbose: bool = False) -> str:
-    """The compact table of one results document: one row per headline metric (every metric with
-    `verbose`), the edited value beside the unedited model's on the same cases, and what it means."""
-    metrics = result.get("metrics") or {}
-    unedited = result.get("unedited") or {}
-    style = result.get("style") or "counterfact"
-    defs = result.get("definitions") or {}
-    short = SHORT.get(style, {})
-    keys = default_columns([result]) if verbose else [k for k in SUMMARY_KEYS if k in metrics]
-    rows = [[k, _number(metrics.get(k)), _number(unedited.get(k)) if unedited else MISSING,
+def side_by_side(edited: dict, unedited: dict | None = None, style: str = "counterfact",
+                 keys: list[str] | None = None, definitions: dict | None = None, verbose: bool = False) -> str:
+    """A markdown table of metrics, one row per metric (`keys`; default the headline metrics): the
+    edited value beside the unedited model's on the same cases, and a one-line reading for `style`
+    (the long definition with `verbose`). The Python API's before/after:
+    `print(side_by_side(editor.evaluate(cases), unedited_metrics))`."""
+    defs, short = definitions or {}, SHORT.get(style, {})
+    keys = keys if keys is not None else [k for k in SUMMARY_KEYS if k in edited]
+    rows = [[k, _number(edited.get(k)), _number(unedited.get(k)) if unedited else MISSING,
              (defs.get(k) or DEFINITIONS.get(k, "")) if verbose else short.get(k) or DEFINITIONS.get(k, "")]
             for k in keys]
     header = ["metric", "edited", "unedited", "what it measures (% of cases)"]
@@ -187,14 +186,24 @@ def summary_table(result: dict, verbose: bool = False) -> str:
     def line(cells):
         return "| " + " | ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, width, right)) + " |"
 
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(width, right)) + "|"
+    return "\n".join([line(header), sep] + [line(r) for r in rows])
+
+
+def summary_table(result: dict, verbose: bool = False) -> str:
+    """The compact table of one results document: one row per headline metric (every metric with
+    `verbose`), the edited value beside the unedited model's on the same cases, and what it means."""
+    metrics = result.get("metrics") or {}
+    keys = default_columns([result]) if verbose else None
+    table = side_by_side(metrics, result.get("unedited"), result.get("style") or "counterfact", keys,
+                         result.get("definitions"), verbose)
     timing = result.get("timing") or {}
     steps = result.get("edit_batch_size")
     steps = "sequentially" if steps == 1 else ("in one step" if steps == -1 else f"in steps of {steps}")
     title = (f"{result.get('method')} · {result.get('num_edits')} edits {steps} · {result.get('data')} · "
              f"{result.get('model')} · edit {_fmt_seconds(timing.get('edit'))}, "
              f"evaluation {_fmt_seconds(timing.get('evaluate'))}")
-    sep = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2)) for w, r in zip(width, right)) + "|"
-    out = [title, "", line(header), sep] + [line(r) for r in rows]
+    out = [title, "", table]
     if not verbose:
         out.append("(every metric: --verbose_metrics true, or results.json)")
     return "\n".join(out)
