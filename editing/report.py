@@ -17,6 +17,7 @@ import argparse
 import glob
 import json
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -41,8 +42,6 @@ def _files_at(spec: str) -> list[Path]:
             files.append(p)
         elif p.is_dir():
             files += sorted(p.rglob("results.json"))
-    if not files:
-        raise SystemExit(f"error: no results.json at {spec}")
     return files
 
 
@@ -66,11 +65,19 @@ def _read(path: Path) -> dict:
 def load_results(paths: str | Path | Iterable[str | Path]) -> list[dict]:
     """Results from results.json files, run directories (searched recursively) or globs, in the order
     given (each file once). Each result gets ``_path``, the file it came from. Raises SystemExit naming
-    the path when there is no results.json, or the file when it is not valid results JSON."""
+    the path when there is no results.json, or the file when it is not valid results JSON. Of several
+    paths, an existing run folder without results.json (a `predict` or `export` run, which
+    `runs/*/lightning_logs/version_*/` also matches) is skipped with a note."""
     specs = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    found = {str(spec): _files_at(str(spec)) for spec in specs}
+    for spec, files in found.items():
+        if not files and (len(specs) == 1 or not Path(spec).is_dir() or not any(found.values())):
+            raise SystemExit(f"error: no results.json at {spec}")
     out, seen = [], set()
-    for spec in specs:
-        for f in _files_at(str(spec)):
+    for spec, files in found.items():
+        if not files:
+            print(f"skipped {spec}: no results.json (a run that did not evaluate)", file=sys.stderr)
+        for f in files:
             key = f.resolve()
             if key in seen:
                 continue

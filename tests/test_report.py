@@ -163,3 +163,17 @@ def test_summary_table_is_compact_and_says_what_each_row_means():
     assert "| rewrite_acc" in verbose and "| neighborhood_unchanged" in verbose and "100.0" in verbose
     # without the unedited scores the column says so instead of inventing numbers
     assert "| reliability |   96.0 |        – |" in summary_table(_doc(unedited=False))
+
+
+def test_a_run_folder_without_results_is_skipped_among_others(tmp_path, capsys):
+    """`runs/*/lightning_logs/version_*/` also matches predict/export runs: skipped, with a note."""
+    (tmp_path / "v0").mkdir()
+    (tmp_path / "v0" / "results.json").write_text(json.dumps({"method": "ft", "metrics": {"reliability": 90.0}}))
+    (tmp_path / "v1").mkdir()
+    results = load_results([tmp_path / "v0", tmp_path / "v1"])
+    assert [r["method"] for r in results] == ["ft"]
+    assert "skipped" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no results.json at .*v1"):
+        load_results([tmp_path / "v1"])
+    with pytest.raises(SystemExit, match="no results.json at .*typo"):
+        load_results([tmp_path / "v0", tmp_path / "typo"])
