@@ -126,6 +126,11 @@ def _run_labels(results: Sequence[dict]) -> list[str]:
     return ["/".join(d) for d in dirs]
 
 
+# Settings of how a run was evaluated, not of its edit: never what tells two editors apart.
+EVALUATION_SETTINGS = frozenset({"eval_unedited", "forward_batch_size", "results_name", "fluency",
+                                 "fluency_tokens", "predict_tokens"})
+
+
 def method_names(results: Sequence[dict]) -> list[str]:
     """The method of each result; where several results share a method, the editor settings (the
     saved config's model section) that differ between them are appended, e.g. "memit [layers=[6, 7]]",
@@ -138,7 +143,7 @@ def method_names(results: Sequence[dict]) -> list[str]:
         if len(same) > 1:
             configs = [_editor_settings(o) for o in same]
             mine = _editor_settings(r)
-            keys = sorted({k for c in configs for k in c if not k.startswith("_")})
+            keys = sorted({k for c in configs for k in c if not k.startswith("_") and k not in EVALUATION_SETTINGS})
             diff = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1]
             if diff:
                 name += " [" + ", ".join(f"{k}={mine.get(k)}" for k in diff) + "]"

@@ -177,3 +177,12 @@ def test_a_run_folder_without_results_is_skipped_among_others(tmp_path, capsys):
         load_results([tmp_path / "v1"])
     with pytest.raises(SystemExit, match="no results.json at .*typo"):
         load_results([tmp_path / "v0", tmp_path / "typo"])
+
+
+def test_evaluation_settings_do_not_name_a_run():
+    a = {"method": "ft", "metrics": {}, "_path": "runs/ft/v0/results.json",
+         "config": {"model": {"lr": 1e-4, "eval_unedited": True}}}
+    b = {**a, "_path": "runs/ft/v1/results.json", "config": {"model": {"lr": 1e-4, "eval_unedited": False}}}
+    c = {**a, "_path": "runs/ft/v2/results.json", "config": {"model": {"lr": 1e-3, "eval_unedited": False}}}
+    assert method_names([a, b]) == ["ft (v0)", "ft (v1)"]
+    assert method_names([a, c]) == ["ft [lr=0.0001]", "ft [lr=0.001]"]
