@@ -5,6 +5,7 @@ What `export` does, per editor (docs/export.md):
   already in the weights; the model is saved as it is.
 - FT-L / FT-M / FT-WD: the `DeltaLinear` edit modules are merged into the base weights for the save
   and taken out again afterwards (the editor is left exactly as it was).
+- LoRA: PEFT's `merge_and_unload` on a copy of the adapted model (`LoRA.merged_copy`), which is saved.
 - iReVa (key-value adaptor) and COMEBA-HK with hooks (z-score-gated hook layers): refused with the
   reason, since their edit is not linear and a plain model has no place for it; share those edits
   as edit files (`save_edit` / `save_pretrained`) and apply them with this toolkit.
@@ -58,6 +59,12 @@ def export_model(editor, out: str | Path, scores: dict | None = None) -> Path:
                           "be merged into the weights of a plain model; share it as an edit file instead "
                           "(save_edit or save_pretrained; `cli.py test/predict --ckpt_path` use it)")
     out = Path(out)
+    if hasattr(editor, "merged_copy"):  # an editor whose library merges (PEFT): save its plain copy
+        plain = editor.merged_copy()
+        plain.save_pretrained(out)
+        editor.tokenizer.save_pretrained(out)
+        (out / "README.md").write_text(model_card(editor, scores), encoding="utf-8")
+        return out
     merged = []
     try:
         for name, m in layers.items():

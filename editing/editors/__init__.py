@@ -5,9 +5,10 @@ from editing.editors.comeba import COMEBA
 from editing.editors.ft import FT
 from editing.editors.ireva import IReVa
 from editing.editors.jeep import JEEP
+from editing.editors.lora import LoRA
 from editing.editors.memit import MEMIT
 from editing.editors.noedit import NoEdit
 from editing.editors.pmet import PMET
 from editing.editors.rome import ROME
 
-__all__ = ["AdaPLE", "Editor", "EditError", "CheckpointMismatchError", "FT", "IReVa", "JEEP", "NoEdit", "ROME", "MEMIT", "PMET", "COMEBA"]
+__all__ = ["AdaPLE", "Editor", "EditError", "CheckpointMismatchError", "FT", "IReVa", "JEEP", "LoRA", "NoEdit", "ROME", "MEMIT", "PMET", "COMEBA"]

@@ -73,42 +73,59 @@ class FT(Editor):
             self.layout.mlp_out(l).unmerge()
 
     def loss(self, requests: list[EditRequest]) -> torch.Tensor:
-        prompts = [r.text for r in requests]
-        targets = [r.target_new for r in requests]
         if self.hparams.objective == "target_tokens":
-            lp, batch = self.target_logprobs(prompts, targets)
-            tok = lp.gather(-1, batch.target_ids[..., None]).squeeze(-1) * batch.target_mask
-        else:  # prompt_last: every target token scored at the last prompt position
-            batch = encode(self.tokenizer, [self.prepare_prompt(p) for p in prompts], targets).to(self.device)
-            logits = self.logits_at(batch.input_ids, batch.attention_mask, batch.prompt_last[:, None])
-            lp = torch.log_softmax(logits.float(), -1)[:, 0]
-            tok = lp.gather(-1, batch.target_ids) * batch.target_mask
-        per_request = -tok.sum(1) / batch.target_mask.sum(1)
-        return per_request.mean()
+            return target_nll(self, requests)
+        prompts = [r.text for r in requests]  # prompt_last: every target token scored at the last prompt position
+        batch = encode(self.tokenizer, [self.prepare_prompt(p) for p in prompts],
+                       [r.target_new for r in requests]).to(self.device)
+        logits = self.logits_at(batch.input_ids, batch.attention_mask, batch.prompt_last[:, None])
+        tok = torch.log_softmax(logits.float(), -1)[:, 0].gather(-1, batch.target_ids) * batch.target_mask
+        return (-tok.sum(1) / batch.target_mask.sum(1)).mean()
 
     def apply_edit(self, batch: EditBatch) -> dict:
-        requests = batch.requests
         params = [self.delta(l) for l in self.layers]
         start = [p.detach().clone() for p in params]
-        opt_cls = torch.optim.AdamW if self.hparams.weight_decay > 0 else torch.optim.Adam
-        opt = opt_cls(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        loss_value, step = float("nan"), 0
-        with progress(self.hparams.steps, f"fine-tuning on {len(requests)} request(s)") as bar:
-            for step in range(1, self.hparams.steps + 1):
-                opt.zero_grad(set_to_none=True)
-                loss = self.loss(requests)
-                loss_value = loss.item()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {loss_value}")
-                if loss_value < self.hparams.early_stop_loss:
-                    break
-                loss.backward()
-                opt.step()
-                if self.hparams.norm_constraint is not None:
-                    eps = self.hparams.norm_constraint
-                    with torch.no_grad():
-                        for p, p0 in zip(params, start):
-                            p.copy_(p0 + (p - p0).clamp(-eps, eps))
-                bar.set_postfix_str(f"loss {loss_value:.3f}", refresh=False)
-                bar.update()
-        return {"loss": loss_value, "steps": step}
+
+        def bound():
+            if self.hparams.norm_constraint is not None:
+                eps = self.hparams.norm_constraint
+                for p, p0 in zip(params, start):
+                    p.copy_(p0 + (p - p0).clamp(-eps, eps))
+
+        return optimise(params, lambda: self.loss(batch.requests), self.hparams.steps, self.hparams.lr,
+                        self.hparams.weight_decay, self.hparams.early_stop_loss, bound,
+                        f"fine-tuning on {len(batch.requests)} request(s)")
+
+
+def target_nll(editor: Editor, requests: list[EditRequest]) -> torch.Tensor:
+    """The mean over requests of the teacher-forced NLL per target token of target_new (FT-M's and
+    EasyEdit's LoRA objective: the causal-LM loss with labels on the target only)."""
+    lp, batch = editor.target_logprobs([r.text for r in requests], [r.target_new for r in requests])
+    tok = lp.gather(-1, batch.target_ids[..., None]).squeeze(-1) * batch.target_mask
+    return (-tok.sum(1) / batch.target_mask.sum(1)).mean()
+
+
+def optimise(params: list[torch.Tensor], loss_fn, steps: int, lr: float, weight_decay: float = 0.0,
+             early_stop_loss: float | None = None, after_step=None, desc: str = "optimising") -> dict:
+    """`steps` steps of a fresh Adam (AdamW when `weight_decay` > 0) on `params` minimising `loss_fn()`,
+    stopping once the loss is below `early_stop_loss`; `after_step()` runs (without grad) after each."""
+    opt_cls = torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
+    opt = opt_cls(params, lr=lr, weight_decay=weight_decay)
+    loss_value, step = float("nan"), 0
+    with progress(steps, desc) as bar:
+        for step in range(1, steps + 1):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            loss_value = loss.item()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss_value}")
+            if early_stop_loss is not None and loss_value < early_stop_loss:
+                break
+            loss.backward()
+            opt.step()
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step()
+            bar.set_postfix_str(f"loss {loss_value:.3f}", refresh=False)
+            bar.update()
+    return {"loss": loss_value, "steps": step}
