@@ -3,6 +3,7 @@ from editing.editors.adaple import AdaPLE
 from editing.editors.base import CheckpointMismatchError, EditError, Editor
 from editing.editors.comeba import COMEBA
 from editing.editors.ft import FT
+from editing.editors.grace import GRACE
 from editing.editors.ireva import IReVa
 from editing.editors.jeep import JEEP
 from editing.editors.lora import LoRA
@@ -11,4 +12,4 @@ from editing.editors.noedit import NoEdit
 from editing.editors.pmet import PMET
 from editing.editors.rome import ROME
 
-__all__ = ["AdaPLE", "Editor", "EditError", "CheckpointMismatchError", "FT", "IReVa", "JEEP", "LoRA", "NoEdit", "ROME", "MEMIT", "PMET", "COMEBA"]
+__all__ = ["AdaPLE", "Editor", "EditError", "CheckpointMismatchError", "FT", "GRACE", "IReVa", "JEEP", "LoRA", "NoEdit", "ROME", "MEMIT", "PMET", "COMEBA"]
