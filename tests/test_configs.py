@@ -14,6 +14,8 @@ def test_config_builds(config, tiny_llama, tmp_path):
             "--trainer.default_root_dir", str(tmp_path), "--data.num_edits", "3"]
     if "layers:" in config.read_text():  # the tiny model has 3 layers
         args += ["--model.init_args.layers", "[1]"]
+    if "\n    layer:" in config.read_text():  # GRACE's one layer
+        args += ["--model.init_args.layer", "1"]
     if "high_layers:" in config.read_text():  # JEEP's high region must lie above the low one
         args += ["--model.init_args.high_layers", "[2]"]
     cli = main(args, run=False)
