@@ -42,26 +42,27 @@ class Family:
     # relative to a block: the modules EasyEdit's LoRA baseline adapts (docs/baselines.md); GPT-NeoX
     # has no published setting, its fused query_key_value is the analogue of GPT-2's c_attn
     lora_targets: tuple[str, ...] = ()
+    mlp_in: tuple[str, ...] = ()        # relative to a block: the MLP input projection(s) (MELO's LoRA)
 
 
 FAMILIES: tuple[Family, ...] = (
     Family("gpt2", ("gpt2",), backbone="transformer", blocks="transformer.h", mlp="mlp",
            mlp_out="mlp.c_proj", attn="attn", attn_out="attn.c_proj", final_norm="transformer.ln_f",
            embed="transformer.wte", activation_attr="activation_function", position_embed="transformer.wpe",
-           lora_targets=("attn.c_attn",)),
+           lora_targets=("attn.c_attn",), mlp_in=("mlp.c_fc",)),
     Family("gptj", ("gptj",), backbone="transformer", blocks="transformer.h", mlp="mlp",
            mlp_out="mlp.fc_out", attn="attn", attn_out="attn.out_proj", final_norm="transformer.ln_f",
            embed="transformer.wte", parallel_default=True, activation_attr="activation_function",
-           lora_targets=("mlp.fc_in", "mlp.fc_out")),
+           lora_targets=("mlp.fc_in", "mlp.fc_out"), mlp_in=("mlp.fc_in",)),
     Family("gpt_neox", ("gpt_neox",), backbone="gpt_neox", blocks="gpt_neox.layers", mlp="mlp",
            mlp_out="mlp.dense_4h_to_h", attn="attention", attn_out="attention.dense",
            final_norm="gpt_neox.final_layer_norm", embed="gpt_neox.embed_in",
            parallel_attr="use_parallel_residual", activation_attr="hidden_act",
-           lora_targets=("attention.query_key_value",)),
+           lora_targets=("attention.query_key_value",), mlp_in=("mlp.dense_h_to_4h",)),
     Family("llama", ("llama", "mistral", "qwen2", "qwen3"), backbone="model", blocks="model.layers",
            mlp="mlp", mlp_out="mlp.down_proj", attn="self_attn", attn_out="self_attn.o_proj",
            final_norm="model.norm", embed="model.embed_tokens", activation_attr="hidden_act",
-           lora_targets=("self_attn.q_proj", "self_attn.v_proj")),
+           lora_targets=("self_attn.q_proj", "self_attn.v_proj"), mlp_in=("mlp.gate_proj", "mlp.up_proj")),
 )
 
 

@@ -12,10 +12,12 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml
 def test_config_builds(config, tiny_llama, tmp_path):
     args = ["--config", str(config), "--model.init_args.base_model", tiny_llama,
             "--trainer.default_root_dir", str(tmp_path), "--data.num_edits", "3"]
-    if "layers:" in config.read_text():  # the tiny model has 3 layers
+    if "\n    layers:" in config.read_text():  # the tiny model has 3 layers
         args += ["--model.init_args.layers", "[1]"]
     if "\n    layer:" in config.read_text():  # GRACE's one layer
         args += ["--model.init_args.layer", "1"]
+    if "router_layer:" in config.read_text():  # MELO: the router below its LoRA layers
+        args += ["--model.init_args.router_layer", "0", "--model.init_args.lora_layers", "[1, 2]"]
     if "high_layers:" in config.read_text():  # JEEP's high region must lie above the low one
         args += ["--model.init_args.high_layers", "[2]"]
     cli = main(args, run=False)

@@ -7,9 +7,10 @@ from editing.editors.grace import GRACE
 from editing.editors.ireva import IReVa
 from editing.editors.jeep import JEEP
 from editing.editors.lora import LoRA
+from editing.editors.melo import MELO
 from editing.editors.memit import MEMIT
 from editing.editors.noedit import NoEdit
 from editing.editors.pmet import PMET
 from editing.editors.rome import ROME
 
-__all__ = ["AdaPLE", "Editor", "EditError", "CheckpointMismatchError", "FT", "GRACE", "IReVa", "JEEP", "LoRA", "NoEdit", "ROME", "MEMIT", "PMET", "COMEBA"]
+__all__ = ["AdaPLE", "Editor", "EditError", "CheckpointMismatchError", "FT", "GRACE", "IReVa", "JEEP", "LoRA", "NoEdit", "ROME", "MELO", "MEMIT", "PMET", "COMEBA"]

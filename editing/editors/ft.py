@@ -106,11 +106,14 @@ def target_nll(editor: Editor, requests: list[EditRequest]) -> torch.Tensor:
 
 
 def optimise(params: list[torch.Tensor], loss_fn, steps: int, lr: float, weight_decay: float = 0.0,
-             early_stop_loss: float | None = None, after_step=None, desc: str = "optimising") -> dict:
+             early_stop_loss: float | None = None, after_step=None, desc: str = "optimising",
+             schedule=None) -> dict:
     """`steps` steps of a fresh Adam (AdamW when `weight_decay` > 0) on `params` minimising `loss_fn()`,
-    stopping once the loss is below `early_stop_loss`; `after_step()` runs (without grad) after each."""
+    stopping once the loss is below `early_stop_loss`; `after_step()` runs (without grad) after each;
+    `schedule(optimizer)` makes a learning-rate scheduler stepped after every step (MELO's StepLR)."""
     opt_cls = torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
     opt = opt_cls(params, lr=lr, weight_decay=weight_decay)
+    sched = schedule(opt) if schedule is not None else None
     loss_value, step = float("nan"), 0
     with progress(steps, desc) as bar:
         for step in range(1, steps + 1):
@@ -123,6 +126,8 @@ def optimise(params: list[torch.Tensor], loss_fn, steps: int, lr: float, weight_
                 break
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             if after_step is not None:
                 with torch.no_grad():
                     after_step()

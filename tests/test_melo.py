@@ -1,0 +1,84 @@
+"""MELO (BASELINES.md §3 (i)): an empty database and a prompt routed to no block give the base output
+exactly; block k's training changes only the prompts routed to it and leaves the other blocks
+bit-identical; an edited prompt routes to its own block; the LoRA delta is s · x A_b B_b with
+s = num_block; disabling, failing steps and edit files restore or reproduce the edit exactly."""
+import pytest
+import torch
+
+from editing.editors import MELO
+from editing.editors.base import EditError
+from tests.test_locate import REQS
+
+OTHER = "The mother tongue of Léon Blum is"
+
+
+@pytest.fixture
+def make(tiny_llama):
+    return lambda **kw: MELO(base_model=tiny_llama, router_layer=0, num_iter=15, edit_lr=1e-2,
+                             init_radius=1e-3, num_block=10, **kw)
+
+
+def logits(ed, texts):
+    ids = ed.tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return ed.model(**ids).logits
+
+
+def test_routing_and_blocks(make):
+    ed = make()
+    base_other, base_0 = logits(ed, [OTHER]), logits(ed, [REQS[0].text])
+    assert torch.equal(logits(ed, [REQS[0].text]), base_0)          # empty database: nothing changes
+    ed.edit(REQS[:1])                                                # block 0
+    q0 = ed._queries(REQS[:1])[0]
+    assert ed.router.blocks_for(q0) == [0]                           # the edited prompt routes to its block
+    assert torch.equal(logits(ed, [OTHER]), base_other)              # beyond every radius: the base, exactly
+    after_0 = logits(ed, [REQS[0].text])
+    assert not torch.equal(after_0, base_0)
+    block0 = [p.clone() for p in ed.block_parameters(0)]
+    ed.edit(REQS[1:2])                                               # block 1
+    assert all(torch.equal(a, b) for a, b in zip(block0, ed.block_parameters(0)))
+    assert torch.equal(logits(ed, [REQS[0].text]), after_0)          # block 1 changed only its own prompts
+    with ed.disabled():
+        assert torch.equal(logits(ed, [REQS[0].text]), base_0)
+
+
+def test_scale_is_num_block(make):
+    ed = make()
+    ed.edit(REQS[:1])
+    name, m = next((n, m) for n, m in ed.lora_modules())
+    x = torch.randn(1, 3, m.base_layer.in_features)
+    a, b = m.lora_A["block_0"].weight, m.lora_B["block_0"].weight        # A: [r, in], B: [out, r]
+    expected = m.base_layer(x) + ed.hparams.num_block * (x @ a.T @ b.T)
+    torch.testing.assert_close(m(x, adapter_names=["block_0"]), expected)
+    assert torch.equal(m(x, adapter_names=["__base__"]), m.base_layer(x))
+
+
+def test_failure_restores_and_edit_file_round_trips(make, tmp_path, monkeypatch):
+    ed = make()
+    ed.edit(REQS[:2])
+    before = {k: v.clone() for k, v in ed.state_dict().items()}
+    db, labels = ed.router.database(), list(ed.labels)
+    import editing.editors.melo as melo
+    real, calls = melo.target_nll, {"n": 0}
+
+    def failing(editor, requests):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("boom")
+        return real(editor, requests)
+
+    monkeypatch.setattr(melo, "target_nll", failing)
+    with pytest.raises(EditError):
+        ed.edit(REQS[2:3])
+    monkeypatch.setattr(melo, "target_nll", real)
+    after = ed.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(torch.equal(db[k], ed.router.database()[k]) for k in db) and ed.labels == labels and ed.blocks == 1
+
+    ed.edit(REQS[2:3])
+    path = ed.save_edit(tmp_path / "melo-edit")
+    fresh = make()
+    fresh.load_edit(path)
+    texts = [r.text for r in REQS[:3]] + [OTHER]
+    for t in texts:
+        assert torch.equal(logits(fresh, [t]), logits(ed, [t]))
