@@ -128,3 +128,20 @@ def test_withdraw_undo_failure_and_edit_file(tiny_grace, tmp_path, monkeypatch):
     with torch.no_grad():
         lp, _ = ed.target_logprobs([REQS[0].text], [REQS[0].target_new])
     assert torch.equal(lp, lp0)                                        # withdrawn: the unedited output
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox"])
+def test_every_family(family, tiny_dirs, tmp_path):
+    ed = GRACE(base_model=str(tiny_dirs[family]), layer=1, n_iter=10, eps=1e-4)
+    with torch.no_grad():
+        lp0, _ = ed.target_logprobs([REQS[0].text], [REQS[0].target_new])
+    ed.edit(REQS[:1])
+    with torch.no_grad():
+        lp1, _ = ed.target_logprobs([REQS[0].text], [REQS[0].target_new])
+        with ed.disabled():
+            assert torch.equal(ed.target_logprobs([REQS[0].text], [REQS[0].target_new])[0], lp0)
+    assert not torch.equal(lp1, lp0)
+    fresh = GRACE(base_model=str(tiny_dirs[family]), layer=1, n_iter=10, eps=1e-4)
+    fresh.load_edit(ed.save_edit(tmp_path / "e"))
+    with torch.no_grad():
+        assert torch.equal(fresh.target_logprobs([REQS[0].text], [REQS[0].target_new])[0], lp1)

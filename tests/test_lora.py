@@ -116,3 +116,20 @@ def test_adalora_option(tiny_llama):
     with ed.disabled():
         assert torch.equal(logits(ed), base)
     assert any("lora_E" in k for k in ed.state_dict())
+
+
+def test_undo_restores_the_adaptor_exactly(tiny_llama):
+    ed = LoRA(base_model=tiny_llama, **KW)
+    ed.edit(REQS[:1])
+    first, edited = {k: v.clone() for k, v in ed.state_dict().items()}, logits(ed)
+    ed.edit(REQS[1:2])
+    ed.edit(REQS[2:3])
+    ed.undo(2)
+    assert all(torch.equal(ed.state_dict()[k], first[k]) for k in first) and len(ed.edit_log) == 1
+    assert torch.equal(logits(ed), edited)
+    ed.undo()
+    with ed.disabled():
+        base = logits(ed)
+    assert torch.equal(logits(ed), base)                       # no edit left: B = 0 again
+    with pytest.raises(ValueError, match="only 0 step"):
+        ed.undo()

@@ -82,3 +82,30 @@ def test_failure_restores_and_edit_file_round_trips(make, tmp_path, monkeypatch)
     texts = [r.text for r in REQS[:3]] + [OTHER]
     for t in texts:
         assert torch.equal(logits(fresh, [t]), logits(ed, [t]))
+
+
+def test_undo_restores_blocks_and_database(make):
+    ed = make()
+    ed.edit(REQS[:1])
+    db, after_1 = ed.router.database(), logits(ed, [REQS[0].text])
+    ed.edit(REQS[1:2])
+    ed.undo()
+    assert ed.blocks == 1 and all(torch.equal(db[k], ed.router.database()[k]) for k in db)
+    assert torch.equal(logits(ed, [REQS[0].text]), after_1)
+    assert ed.router.blocks_for(ed._queries(REQS[1:2])[0]) != [1]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox"])
+def test_every_family(family, tiny_dirs, tmp_path):
+    kw = dict(base_model=str(tiny_dirs[family]), router_layer=0, num_iter=10, edit_lr=1e-2, init_radius=1e-3,
+              num_block=10)
+    ed = MELO(**kw)
+    base = logits(ed, [REQS[0].text])
+    ed.edit(REQS[:1])
+    edited = logits(ed, [REQS[0].text])
+    assert not torch.equal(edited, base)
+    with ed.disabled():
+        assert torch.equal(logits(ed, [REQS[0].text]), base)
+    fresh = MELO(**kw)
+    fresh.load_edit(ed.save_edit(tmp_path / "e"))
+    assert torch.equal(logits(fresh, [REQS[0].text]), edited)

@@ -26,6 +26,7 @@ import torch
 from editing.data.batch import EditBatch
 from editing.editors.base import Editor
 from editing.editors.ft import optimise, target_nll
+from editing.editors.undo import SnapshotUndo
 from editing.layout import is_transposed
 from editing.validation import check_choice
 
@@ -33,7 +34,7 @@ Adaptor = Literal["lora", "adalora"]
 ADAPTER = "edit"
 
 
-class LoRA(Editor):
+class LoRA(SnapshotUndo, Editor):
     """A PEFT LoRA adaptor trained on each edit step.
 
     Args:

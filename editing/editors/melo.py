@@ -27,12 +27,13 @@ from editing import hooks
 from editing.data.batch import EditBatch
 from editing.editors.base import Editor
 from editing.editors.ft import optimise, target_nll
+from editing.editors.undo import SnapshotUndo
 from editing.layout import base_layer, is_transposed, weight_out_in
 from editing.tokens import encode
 from editing.tuners.melo import BASE, Router, block_name
 
 
-class MELO(Editor):
+class MELO(SnapshotUndo, Editor):
     """MELO's router at `part` of `router_layer`, LoRA blocks on `target_modules` of `lora_layers`.
 
     Args:
