@@ -4,6 +4,12 @@ u = E[kkᵀ]⁻¹k* (k* the key averaged over all context templates; `mom2_adjus
 normalised; v* = m^L + δ from the target optimisation at the MLP output; Δ = (v* − W k) uᵀ / (uᵀk)
 with k and Wk at the bare prompt (the official code's choice; the paper uses k* there too:
 `bare_key=False`). Several requests are applied one after another (sequential ROME).
+
+r-ROME (Gupta et al. 2024, "Rebuilding ROME"; `rebuild=True`, configs/r_rome.yaml): the residual and
+the denominator are taken at the key u is built on, Δ = (v* − (W k* + b)) uᵀ / (uᵀk*), the exact
+solution of ROME's constrained least squares (Ŵk* + b = v*). uᵀk* = k*ᵀC⁻¹k*/‖C⁻¹k*‖ > 0 for any SPD
+C, so the update cannot blow up when the bare key is nearly C⁻¹-orthogonal to k* (ROME's "disabling
+edits"). `bare_key` is not used then; v* keeps the bare-prompt m_init in both.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ import torch
 from editing.data.batch import EditBatch
 from editing.data.records import EditRequest
 from editing.editors.locate import LocateEditor, compute_keys
+from editing.layout import linear
 
 
 class ROME(LocateEditor):
@@ -20,7 +27,7 @@ class ROME(LocateEditor):
 
     def __init__(self, layers: list[int] = [5], template_spec: list[list[int]] = [[5, 10], [10, 10]],
                  v_steps: int = 20, clamp_norm_factor: float = 4.0, mom2_adjustment: bool = True,
-                 bare_key: bool = True, **kwargs):
+                 bare_key: bool = True, rebuild: bool = False, **kwargs):
         if len(layers) != 1:
             raise ValueError(f"ROME edits exactly one layer, got {layers}")
         super().__init__(layers=layers, template_spec=template_spec, v_steps=v_steps,
@@ -44,9 +51,14 @@ class ROME(LocateEditor):
             else:
                 u = k_star
             u = u / u.norm()
-            k = self._keys_over([r], layer, [["{}"]])[0].double() \
-                if self.hparams.bare_key else k_star
-            wk = self.values([r], "mlp", layer)[0].double()
+            if self.hparams.rebuild:  # r-ROME: W k* + b, the template average of the output
+                k = k_star
+                out = self.layout.mlp_out(layer)
+                bias = getattr(out, "bias", None)
+                wk = linear(out, k_star.to(out.weight.dtype)).double() + (0 if bias is None else bias.double())
+            else:
+                k = self._keys_over([r], layer, [["{}"]])[0].double() if self.hparams.bare_key else k_star
+                wk = self.values([r], "mlp", layer)[0].double()
             right = (v - wk) / (k @ u)
             step = self.history.steps[-1]
             entry = self.fused(layer, (right[:, None], u[:, None]), index=len(losses))
