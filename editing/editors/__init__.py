@@ -1,5 +1,6 @@
 """Editors: one module per method, all subclasses of `editing.editors.base.Editor`."""
 from editing.editors.adaple import AdaPLE
+from editing.editors.alphaedit import AlphaEdit
 from editing.editors.base import CheckpointMismatchError, EditError, Editor
 from editing.editors.comeba import COMEBA
 from editing.editors.ft import FT
@@ -13,4 +14,4 @@ from editing.editors.noedit import NoEdit
 from editing.editors.pmet import PMET
 from editing.editors.rome import ROME
 
-__all__ = ["AdaPLE", "Editor", "EditError", "CheckpointMismatchError", "FT", "GRACE", "IReVa", "JEEP", "LoRA", "NoEdit", "ROME", "MELO", "MEMIT", "PMET", "COMEBA"]
+__all__ = ["AdaPLE", "AlphaEdit", "Editor", "EditError", "CheckpointMismatchError", "FT", "GRACE", "IReVa", "JEEP", "LoRA", "NoEdit", "ROME", "MELO", "MEMIT", "PMET", "COMEBA"]

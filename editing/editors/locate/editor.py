@@ -16,11 +16,13 @@ from editing.editors.base import Editor
 from editing.editors.locate.fusion import Fusion, fusion_spec
 from editing.editors.locate.history import EditHistory
 from editing.editors.locate.keys import Part, Position, compute_keys, current_values
+from editing.editors.locate.projection import Projection, null_space
 from editing.editors.locate.spread import Factors, Spread, spread_update
 from editing.editors.locate.statistics import KeyStatistics
 from editing.editors.locate.targets import TargetConfig, Targets, compute_targets
 from editing.editors.locate.templates import context_templates, flatten, templates_path
 from editing.layout import weight_out_in
+from editing.validation import check_choice
 
 
 class LocateEditor(Editor):
@@ -40,6 +42,9 @@ class LocateEditor(Editor):
             each entry dropped with probability `drop_rate` and the rest scaled by 1/(1 − drop_rate),
             a fresh seeded mask per step and layer), "topk" (keep the `fusion_keep` share of entries
             with the largest magnitude). Applied inside the layer loop: later layers see the fused Δ.
+        projection: "null_space" replaces the closed form by AlphaEdit's projected one
+            (`editing.editors.locate.projection`): eigenvectors of E[kkᵀ] below `nullspace_threshold`,
+            the keys of earlier steps in `projected_keys`, L2 weight `projection_l2`.
     """
 
     method = "locate"
@@ -52,19 +57,25 @@ class LocateEditor(Editor):
                  key_position: Position = "subject_last", v_steps: int = 25, v_lr: float = 0.5,
                  clamp_norm_factor: float = 0.75, v_weight_decay: float = 0.5, kl_factor: float = 0.0625,
                  v_autocast: Literal["bfloat16", "float16"] | None = None, fusion: Fusion = "add",
-                 drop_rate: float = 0.8, fusion_keep: float = 0.2, fusion_seed: int = 0, **kwargs):
+                 drop_rate: float = 0.8, fusion_keep: float = 0.2, fusion_seed: int = 0,
+                 projection: Projection = "none", nullspace_threshold: float = 2e-2, projection_l2: float = 10.0,
+                 **kwargs):
         super().__init__(**kwargs)
         fusion_spec(fusion, drop_rate, fusion_keep, fusion_seed)  # validates
+        check_choice("projection", projection, Projection)
         if not layers:
             raise ValueError("at least one layer must be edited")
         self.layers = sorted({self.layout.layer_index(l) for l in layers})
         self.history = EditHistory()
+        self.projected_keys = EditHistory()   # AlphaEdit's C_p: (Kᵀ, Kᵀ) of each step and layer
+        self._projectors: dict[int, torch.Tensor] = {}
         self._w0: dict[int, torch.Tensor] = {}
         self._stats = KeyStatistics(corpus, stats_samples, stats_max_length)
         self._templates: list[list[str]] | None = None
 
     def edit_shape(self) -> dict:
-        return {"layers": list(self.layers), "parts": list(self.target_parts)}
+        shape = {"layers": list(self.layers), "parts": list(self.target_parts)}
+        return shape if self.hparams.projection == "none" else {**shape, "projection": self.hparams.projection}
 
     # --- exact weight bookkeeping ---------------------------------------------------------------
     def _weight(self, layer: int) -> torch.Tensor:
@@ -118,6 +129,7 @@ class LocateEditor(Editor):
         if steps > len(self.history.steps):
             raise ValueError(f"only {len(self.history.steps)} steps to undo")
         self.history.truncate(len(self.history.steps) - steps)
+        self.projected_keys.truncate(len(self.history.steps))
         del self.edit_log[max(0, len(self.edit_log) - steps):]
         self.refresh_weights()
 
@@ -126,6 +138,7 @@ class LocateEditor(Editor):
 
     def restore(self, snap) -> None:
         self.history.truncate(snap)
+        self.projected_keys.truncate(snap)
         self.refresh_weights()
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -133,6 +146,7 @@ class LocateEditor(Editor):
         if extra is None:
             raise RuntimeError("this checkpoint holds no edit history")
         self.history.set_extra_state(extra)
+        self.projected_keys.set_extra_state(state_dict.get("projected_keys._extra_state") or [])
         self.refresh_weights()
         return nn.modules.module._IncompatibleKeys([], [])
 
@@ -220,12 +234,31 @@ class LocateEditor(Editor):
         return r
 
     def prior_keys(self, layer: int) -> torch.Tensor | None:
-        """K′K′ᵀ added to λC at `layer` (None; COMEBA-HK: the keys of earlier steps)."""
-        return None
+        """K′K′ᵀ added to λC at `layer` (None; COMEBA-HK: the keys of earlier steps; with the null-space
+        projection, AlphaEdit's C_p: the keys of earlier steps)."""
+        if self.hparams.projection == "none" or not any(layer in s for s in self.projected_keys.steps):
+            return None
+        d = self.layout.mlp_key_size(layer)
+        return self.projected_keys.delta(layer, (d, d), self.device)
+
+    def null_space(self, layer: int) -> torch.Tensor | None:
+        """AlphaEdit's projector P at `layer` (None without the projection), from the original E[kkᵀ]."""
+        if self.hparams.projection == "none":
+            return None
+        if layer not in self._projectors:
+            self._projectors[layer] = null_space(self.covariance(layer), self.hparams.nullspace_threshold)
+        return self._projectors[layer]
 
     def write_layer(self, layer: int, factors: Factors, K: torch.Tensor) -> None:
-        """Record this step's Δ at `layer` (fused as configured) and rebuild that layer alone."""
+        """Record this step's Δ at `layer` (fused as configured) and rebuild that layer alone; with
+        the projection, also the step's keys (their K Kᵀ joins C_p; a layer's keys do not depend on
+        its own or higher layers' updates, so these equal AlphaEdit's keys recomputed after the step)."""
         self.history.steps[-1][layer] = self.fused(layer, factors)
+        if self.hparams.projection != "none":
+            while len(self.projected_keys.steps) < len(self.history.steps):
+                self.projected_keys.steps.append({})
+            kt = K.detach().double().T.contiguous()
+            self.projected_keys.steps[-1][layer] = (kt, kt)
         self.refresh_weights([layer])
 
     def spread(self, requests: list[EditRequest], z: torch.Tensor, layers: list[int], *, part: Part, top: int,
@@ -238,4 +271,5 @@ class LocateEditor(Editor):
             layers, z, keys=lambda l: self.keys(requests, l, key_position),
             current=lambda: self.values(requests, part, top, value_position), covariance=self.covariance,
             write=self.write_layer, lam=lam, spread=spread, key_weight=self.key_weight,
-            layer_residual=self.layer_residual, prior=self.prior_keys)
+            layer_residual=self.layer_residual, prior=self.prior_keys, projection=self.null_space,
+            alpha=self.hparams.projection_l2)

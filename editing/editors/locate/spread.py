@@ -20,12 +20,22 @@ Factors = tuple[torch.Tensor, torch.Tensor]
 
 
 def closed_form(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float, key_weight: float = 1.0,
-                prior: torch.Tensor | None = None) -> Factors:
+                prior: torch.Tensor | None = None, projection: torch.Tensor | None = None,
+                alpha: float = 1.0) -> Factors:
     """Δ = R Kᵀ (λC + K′K′ᵀ + w K Kᵀ)⁻¹ in float64 by a linear solve: the minimiser of
     w‖Δ Kᵀ − Rᵀ/w‖² + λ tr(Δ C Δᵀ) (+ tr(Δ K′K′ᵀ Δᵀ) with `prior` = K′K′ᵀ [d_ff, d_ff], the keys of
     earlier steps, COMEBA-HK's consecutive update). w = `key_weight`: 1 for MEMIT, 2 for AdaPLE.
-    Returns (left [d, u], right [d_ff, u]) = (Rᵀ, (λC + K′K′ᵀ + wKᵀK)⁻¹ Kᵀ)."""
-    K64, R64, C64 = K.double(), R.double(), C.double().to(K.device)
+    Returns (left [d, u], right [d_ff, u]) = (Rᵀ, (λC + K′K′ᵀ + wKᵀK)⁻¹ Kᵀ).
+
+    With `projection` P (AlphaEdit, `editing.editors.locate.projection`): right = (P(wKᵀK + K′K′ᵀ) + αI)⁻¹ P Kᵀ,
+    i.e. Δ = R K P ((wKᵀK + K′K′ᵀ) P + αI)⁻¹ in this file's orientation; C and λ are not used."""
+    K64, R64 = K.double(), R.double()
+    if projection is not None:
+        P = projection.to(K64)
+        M = key_weight * (K64.T @ K64) + (0.0 if prior is None else prior.to(K64))
+        A = P @ M + alpha * torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
+        return R64.T.contiguous(), torch.linalg.solve(A, P @ K64.T)
+    C64 = C.double().to(K.device)
     A = lam * C64
     if prior is not None:
         A = A + prior.to(A)
@@ -46,13 +56,14 @@ def spread_update(layers: list[int], z: torch.Tensor, *, keys: Callable[[int], t
                   write: Callable[[int, Factors, torch.Tensor], None], lam: float, spread: Spread = "even",
                   key_weight: float = 1.0,
                   layer_residual: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                  prior: Callable[[int], torch.Tensor | None] | None = None) -> list[float]:
+                  prior: Callable[[int], torch.Tensor | None] | None = None,
+                  projection: Callable[[int], torch.Tensor | None] | None = None, alpha: float = 1.0) -> list[float]:
     """Write the target z [u, d] into `layers`, lowest first. At layer ℓ with n layers left:
 
         C = covariance(ℓ);  K = keys(ℓ)            (on the model with every lower layer updated)
         r = (z − current()) / divisor(spread, n)     (current(): the value z is measured against)
         R = layer_residual(ℓ, K, r)                  (default r; AdaPLE subtracts 2·KWᵀ)
-        write(ℓ, closed_form(K, R, C, λ, w, prior(ℓ)), K)
+        write(ℓ, closed_form(K, R, C, λ, w, prior(ℓ), projection(ℓ), α), K)
 
     `write` must update layer ℓ (and only what ℓ changes) before the next layer's keys are taken.
     Returns the mean residual norm ‖R‖ of each layer."""
@@ -63,5 +74,6 @@ def spread_update(layers: list[int], z: torch.Tensor, *, keys: Callable[[int], t
         r = (z - current()) / divisor(spread, len(layers) - i)
         R = r if layer_residual is None else layer_residual(layer, K, r)
         norms.append(float(R.norm(dim=-1).mean()))
-        write(layer, closed_form(K, R, C, lam, key_weight, None if prior is None else prior(layer)), K)
+        P = None if projection is None else projection(layer)
+        write(layer, closed_form(K, R, C, lam, key_weight, None if prior is None else prior(layer), P, alpha), K)
     return norms

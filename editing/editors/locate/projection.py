@@ -1,0 +1,26 @@
+"""AlphaEdit's null-space projection (Fang et al. 2025), a plug-in of the core's closed form.
+
+P = Û Ûᵀ with Û the eigenvectors of C₀ = E[kkᵀ] (the original model's key second moment) whose
+eigenvalues are below `threshold` (absolute, as the official code; log `rank(P)`: the null space's
+size depends on the model's activation scale). With P the closed form becomes
+
+    Δ = R Kᵀ P ((K Kᵀ + C_p) P + α I)⁻¹        (official code: X = solve(P(KKᵀ + C_p) + αI, P K Rᵀ))
+
+with C_p the keys of the earlier steps (`LocateEditor.projected_keys`) and α the L2 weight (the paper
+writes I, the code α = 10). Δ(I − P) = 0, so Δ k₀ ≈ 0 for the keys C₀ is made of. `--model.projection
+null_space` gives it to every closed-form editor (MEMIT, PMET, AdaPLE, JEEP): their residuals and
+targets, AlphaEdit's update; λC is not used then."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Projection = Literal["none", "null_space"]
+
+
+def null_space(C: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = Û Ûᵀ [d_ff, d_ff] (float64) over the eigenvectors of the symmetric C with eigenvalue < threshold."""
+    S, U = torch.linalg.eigh(C.double())
+    U_hat = U[:, S < threshold]
+    return U_hat @ U_hat.T
