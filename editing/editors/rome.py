@@ -30,6 +30,9 @@ class ROME(LocateEditor):
                  bare_key: bool = True, rebuild: bool = False, **kwargs):
         if len(layers) != 1:
             raise ValueError(f"ROME edits exactly one layer, got {layers}")
+        if kwargs.get("projection", "none") != "none":
+            raise ValueError("ROME's rank-one update does not use the closed form: the null-space projection "
+                             "is for MEMIT, PMET, AdaPLE, JEEP and COMEBA-HK (docs/alphaedit.md)")
         super().__init__(layers=layers, template_spec=template_spec, v_steps=v_steps,
                          clamp_norm_factor=clamp_norm_factor, **kwargs)
 
