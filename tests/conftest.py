@@ -134,3 +134,18 @@ def fail_closed_form(monkeypatch):
         monkeypatch.setattr(spread, "closed_form", failing)
         return calls
     return arm
+
+
+def fail_on_call(monkeypatch, module, name: str, n: int):
+    """Make `module.<name>` raise RuntimeError on its n-th call (a failure inside an edit step, after
+    some optimiser steps); returns the real function, to put back with monkeypatch.setattr."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, failing)
+    return real

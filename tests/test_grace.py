@@ -10,6 +10,7 @@ from editing.data.records import EditRequest
 from editing.editors import GRACE
 from editing.editors.base import EditError
 from editing.tuners import Codebook
+from conftest import fail_on_call
 from tests.test_locate import REQS
 
 
@@ -110,15 +111,7 @@ def test_withdraw_undo_failure_and_edit_file(tiny_grace, tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(keep, (ed.codebook.keys, ed.codebook.values, ed.codebook.eps)))
 
     import editing.editors.grace as grace
-    real, calls = grace.target_nll, {"n": 0}
-
-    def failing(editor, requests):
-        calls["n"] += 1
-        if calls["n"] == 25:                                           # inside the second request's training
-            raise RuntimeError("boom")
-        return real(editor, requests)
-
-    monkeypatch.setattr(grace, "target_nll", failing)
+    real = fail_on_call(monkeypatch, grace, "target_nll", 25)          # inside the second request's training
     with pytest.raises(EditError):
         ed.edit(REQS[1:3])
     assert ed.entry_case == [REQS[0].case_id] and torch.equal(ed.codebook.values, keep[1])

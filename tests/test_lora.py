@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from editing.editors import LoRA
 from editing.editors.base import CheckpointMismatchError, EditError
 from editing.models import base_state_dict
+from conftest import fail_on_call
 from tests.test_locate import REQS
 
 KW = dict(steps=15, lr=2e-2)
@@ -90,18 +91,8 @@ def test_a_failing_step_leaves_the_previous_adaptor(tiny_llama, monkeypatch):
     ed = LoRA(base_model=tiny_llama, **KW)
     ed.edit(REQS[:1])
     before = {k: v.clone() for k, v in ed.state_dict().items()}
-    calls = {"n": 0}
     import editing.editors.lora as lora
-
-    real = lora.target_nll
-
-    def failing(editor, requests):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("boom")
-        return real(editor, requests)
-
-    monkeypatch.setattr(lora, "target_nll", failing)
+    fail_on_call(monkeypatch, lora, "target_nll", 5)
     with pytest.raises(EditError):
         ed.edit(REQS[1:2])
     assert all(torch.equal(ed.state_dict()[k], before[k]) for k in before) and len(ed.edit_log) == 1

@@ -7,6 +7,7 @@ import torch
 
 from editing.editors import MELO
 from editing.editors.base import EditError
+from conftest import fail_on_call
 from tests.test_locate import REQS
 
 OTHER = "The mother tongue of Léon Blum is"
@@ -59,15 +60,7 @@ def test_failure_restores_and_edit_file_round_trips(make, tmp_path, monkeypatch)
     before = {k: v.clone() for k, v in ed.state_dict().items()}
     db, labels = ed.router.database(), list(ed.labels)
     import editing.editors.melo as melo
-    real, calls = melo.target_nll, {"n": 0}
-
-    def failing(editor, requests):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("boom")
-        return real(editor, requests)
-
-    monkeypatch.setattr(melo, "target_nll", failing)
+    real = fail_on_call(monkeypatch, melo, "target_nll", 5)
     with pytest.raises(EditError):
         ed.edit(REQS[2:3])
     monkeypatch.setattr(melo, "target_nll", real)

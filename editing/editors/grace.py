@@ -102,7 +102,7 @@ class GRACE(Editor):
         if not 1 <= steps <= len(self.edit_log):
             raise ValueError(f"undo takes 1..{len(self.edit_log)} steps, got {steps}")
         if len(self._undo) < sum(len(s["cases"]) for s in self.edit_log[-steps:]):
-            raise ValueError("these edits were loaded from a file: undo holds only this session's steps")
+            raise ValueError("undo holds only this session's steps since the last load_edit or withdraw")
         for step in reversed(self.edit_log[-steps:]):
             for _ in step["cases"]:
                 self.restore(self._undo.pop())
