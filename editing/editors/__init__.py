@@ -3,6 +3,7 @@ from editing.editors.adaple import AdaPLE
 from editing.editors.alphaedit import AlphaEdit
 from editing.editors.base import CheckpointMismatchError, EditError, Editor
 from editing.editors.comeba import COMEBA
+from editing.editors.emmet import EMMET
 from editing.editors.ft import FT
 from editing.editors.grace import GRACE
 from editing.editors.ireva import IReVa
@@ -14,4 +15,4 @@ from editing.editors.noedit import NoEdit
 from editing.editors.pmet import PMET
 from editing.editors.rome import ROME
 
-__all__ = ["AdaPLE", "AlphaEdit", "Editor", "EditError", "CheckpointMismatchError", "FT", "GRACE", "IReVa", "JEEP", "LoRA", "NoEdit", "ROME", "MELO", "MEMIT", "PMET", "COMEBA"]
+__all__ = ["AdaPLE", "AlphaEdit", "EMMET", "Editor", "EditError", "CheckpointMismatchError", "FT", "GRACE", "IReVa", "JEEP", "LoRA", "NoEdit", "ROME", "MELO", "MEMIT", "PMET", "COMEBA"]

@@ -241,6 +241,10 @@ class LocateEditor(Editor):
         d = self.layout.mlp_key_size(layer)
         return self.projected_keys.delta(layer, (d, d), self.device)
 
+    def equality_ridge(self) -> float | None:
+        """ρ of the equality-constrained closed form (None: the least-squares form; EMMET: its ρ)."""
+        return None
+
     def null_space(self, layer: int) -> torch.Tensor | None:
         """AlphaEdit's projector P at `layer` (None without the projection), from the original E[kkᵀ]."""
         if self.hparams.projection == "none":
@@ -272,4 +276,4 @@ class LocateEditor(Editor):
             current=lambda: self.values(requests, part, top, value_position), covariance=self.covariance,
             write=self.write_layer, lam=lam, spread=spread, key_weight=self.key_weight,
             layer_residual=self.layer_residual, prior=self.prior_keys, projection=self.null_space,
-            alpha=self.hparams.projection_l2)
+            alpha=self.hparams.projection_l2, equality=self.equality_ridge())
