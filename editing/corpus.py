@@ -72,6 +72,15 @@ def load_corpus(name: str = DEFAULT_CORPUS, n: int | None = None, seed: int = 0)
     return texts if n is None else texts[:n]
 
 
+def held_out(name: str = DEFAULT_CORPUS, n: int = 200, seed: int = 0) -> list[str]:
+    """The last `n` texts of `load_corpus(name, seed=seed)`'s order: never among the first
+    len − n, so statistics from `stats_samples` ≤ len − n texts do not see them (drift texts)."""
+    texts = load_corpus(name, seed=seed)
+    if n >= len(texts):
+        raise ValueError(f"corpus {name!r} has {len(texts)} texts, too few to hold out {n}")
+    return texts[-n:]
+
+
 def corpus_id(name: str) -> str:
     """A stable name for cache keys (local files are identified by their content)."""
     p = Path(name)

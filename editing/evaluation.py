@@ -122,6 +122,29 @@ def generate(editor, prompts: list[str], max_new_tokens: int = 30, **kwargs) -> 
     return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+@torch.no_grad()
+def perplexity(editor, texts: list[str], max_length: int = 128, batch_size: int = 16) -> float:
+    """exp(mean next-token NLL) of the edited model over `texts` (each truncated to `max_length`
+    tokens; the LM head through `editor.logits_at`, so the edit acts as when scoring)."""
+    tok = editor.tokenizer
+    enc = [tok(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    side, tok.padding_side = tok.padding_side, "right"
+    nll, count = 0.0, 0
+    try:
+        for s in range(0, len(order), batch_size):
+            batch = tok.pad({"input_ids": [enc[i] for i in order[s:s + batch_size]]}, return_tensors="pt").to(editor.device)
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            positions = torch.arange(ids.shape[1] - 1, device=ids.device).expand(ids.shape[0], -1)
+            logp = F.log_softmax(editor.logits_at(ids, mask, positions).float(), -1)
+            m = mask[:, 1:].bool()
+            nll -= float(logp.gather(-1, ids[:, 1:, None]).squeeze(-1)[m].sum())
+            count += int(m.sum())
+    finally:
+        tok.padding_side = side
+    return float(torch.tensor(nll / max(count, 1)).exp())
+
+
 class Evaluation:
     """One evaluation of one editor: the metrics of a style, updated case batch by case batch; with
     `unedited`, also the unedited model's metrics on the same cases (`compute_unedited`)."""
