@@ -8,7 +8,9 @@ never read the trainer or the DataModule; the callback reads both.
 """
 from __future__ import annotations
 
+import json
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,18 @@ import torch
 import torch.nn.functional as F
 
 from editing.data.records import EvalCase
-from editing.io import write_json_atomic
-from editing.metrics import EditMetrics, PromptStats
+from editing.io import write_json_atomic, write_text_atomic
+from editing.definitions import GEN_HEADLINE_KEYS, HEADLINE_KEYS
+from editing.metrics import EditMetrics, PromptStats, prompt_values
 from editing.tokens import encode
 
 UNCHANGED_KINDS = ("neighborhood", "locality")
+
+
+def cases_path(results: str | Path) -> Path:
+    """The per-case file beside a results file: cases.jsonl beside results.json, else <stem>.cases.jsonl."""
+    results = Path(results)
+    return results.with_name("cases.jsonl" if results.name == "results.json" else f"{results.stem}.cases.jsonl")
 
 
 def target_logprobs(editor, prompts: list[str], targets: list[str], **scoring) -> tuple[torch.Tensor, Any]:
@@ -108,8 +117,9 @@ def score_prompts(editor, cases: list[EvalCase], batch_size: int = 64, unedited:
 
 
 @torch.no_grad()
-def generate(editor, prompts: list[str], max_new_tokens: int = 30, **kwargs) -> list[str]:
-    """Greedy continuations of the prompts by the edited model (left-padded, one batch)."""
+def generate_ids(editor, prompts: list[str], max_new_tokens: int = 30, **kwargs) -> list[list[int]]:
+    """The new token ids of each prompt's greedy continuation by the edited model (left-padded, one
+    batched, KV-cached `generate`), cut after the first end-of-sequence token."""
     tok = editor.tokenizer
     side = tok.padding_side
     tok.padding_side = "left"
@@ -119,7 +129,91 @@ def generate(editor, prompts: list[str], max_new_tokens: int = 30, **kwargs) -> 
         tok.padding_side = side
     kwargs.setdefault("do_sample", False)
     out = editor.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs)
-    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    eos = editor.model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    rows = []
+    for row in out[:, enc["input_ids"].shape[1]:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+def generate(editor, prompts: list[str], max_new_tokens: int = 30, **kwargs) -> list[str]:
+    """Greedy continuations of the prompts by the edited model (left-padded, one batch)."""
+    ids = generate_ids(editor, prompts, max_new_tokens, **kwargs)
+    return editor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation (any Unicode P* character) as spaces, whitespace collapsed."""
+    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text.lower())
+    return " ".join(text.split())
+
+
+def starts_with_answer(continuation: str, target: str) -> bool:
+    """Whether the normalised continuation is the normalised target or starts with it as whole words
+    ("Paris, the capital" counts for "Paris"; "Parisian" does not)."""
+    c, t = normalize_answer(continuation), normalize_answer(target)
+    return bool(t) and (c == t or c.startswith(t + " "))
+
+
+HIT_KINDS = ("rewrite", "paraphrase")   # generation: does the continuation give the target?
+
+
+@torch.no_grad()
+def generation_values(editor, prompts: list, extra_tokens: int = 3, batch_size: int = 64,
+                      unedited: bool = False) -> dict:
+    """Generation-based scores of EvalPrompts (no teacher forcing): each prompt's greedy continuation
+    of (its target's token count + `extra_tokens`) tokens. "value" [N]: for rewrite and paraphrase
+    prompts 1 if it starts with the target (`starts_with_answer`), for neighbourhood and locality
+    prompts 1 if it is token for token the unedited model's; "text": the continuations. With
+    `unedited`, "unedited_value" [N]: the same scores of the unedited model (1 on the unchanged kinds)."""
+    tok = editor.tokenizer
+    out = {"value": [], "text": [], "unedited_value": []}
+    no_edit = not editor.edit_log
+    for s in range(0, len(prompts), max(1, batch_size)):
+        part = prompts[s:s + batch_size]
+        texts = [p.prompt for p in part]
+        lengths = encode(tok, [editor.prepare_prompt(t) for t in texts], [p.target for p in part]).target_mask.sum(1)
+        budget = [int(n) + extra_tokens for n in lengths]
+        ids = [row[:b] for row, b in zip(generate_ids(editor, texts, max(budget)), budget)]
+        need = [i for i, p in enumerate(part) if unedited or p.kind in UNCHANGED_KINDS]
+        base = {}
+        if need and no_edit:
+            base = {i: ids[i] for i in need}
+        elif need:
+            with editor.disabled():
+                got = generate_ids(editor, [texts[i] for i in need], max(budget[i] for i in need))
+            base = {i: row[:budget[i]] for i, row in zip(need, got)}
+        decoded = tok.batch_decode(ids, skip_special_tokens=True)
+        for i, p in enumerate(part):
+            if p.kind in HIT_KINDS:
+                out["value"].append(float(starts_with_answer(decoded[i], p.target)))
+                if unedited:
+                    out["unedited_value"].append(float(starts_with_answer(
+                        tok.decode(base[i], skip_special_tokens=True), p.target)))
+            else:
+                out["value"].append(float(ids[i] == base[i]))
+                out["unedited_value"].append(1.0)
+        out["text"] += decoded
+    out["value"] = torch.tensor(out["value"], dtype=torch.float64)
+    out["unedited_value"] = torch.tensor(out["unedited_value"], dtype=torch.float64) if unedited else None
+    return out
+
+
+def drift_texts(path: str | None = None, n: int = 64) -> list[str]:
+    """The texts general-ability drift is measured on: the first `n` of a file (one text per line, or
+    a .jsonl/.json of strings or {"text": ...}), default the offline corpus's held-out texts
+    (`editing.corpus.held_out`, never used for statistics)."""
+    from editing.corpus import held_out, read_texts
+    if path is None:
+        return held_out(n=n)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"drift texts: no file {path}")
+    texts = read_texts(Path(path))[:n]
+    if not texts:
+        raise ValueError(f"drift texts: {path} holds no text")
+    return texts
 
 
 @torch.no_grad()
@@ -147,40 +241,158 @@ def perplexity(editor, texts: list[str], max_length: int = 128, batch_size: int 
 
 class Evaluation:
     """One evaluation of one editor: the metrics of a style, updated case batch by case batch; with
-    `unedited`, also the unedited model's metrics on the same cases (`compute_unedited`)."""
+    `unedited`, also the unedited model's metrics on the same cases (`compute_unedited`). With the
+    editor's `gen_eval`, generation-based scores beside the teacher-forced ones; with `drift`, the
+    perplexity ratio on held-out text; every case's prompts and scores in `cases` (cases.jsonl)."""
 
     def __init__(self, editor, style: str = "counterfact", unedited: bool = False):
         self.editor = editor
         self.metrics = EditMetrics(style).to(editor.device)
         self.unedited = EditMetrics(style).to(editor.device) if unedited else None
+        self.cases: list[dict] = []   # this rank's per-case records
         self.started = time.perf_counter()
 
     def update(self, cases: list[EvalCase]) -> None:
         ed, h = self.editor, self.editor.hparams
         if self.unedited is None:
-            self.metrics.update(score_prompts(ed, cases, h.forward_batch_size))
+            stats = score_prompts(ed, cases, h.forward_batch_size)
         else:
             stats, base = score_prompts(ed, cases, h.forward_batch_size, unedited=True)
-            self.metrics.update(stats)
             self.unedited.update(base)
+        self.metrics.update(stats)
+        gen = None
+        if h.gen_eval:
+            prompts = [p for c in cases for p in c.prompts]
+            gen = generation_values(ed, prompts, h.gen_extra_tokens, h.forward_batch_size, self.unedited is not None)
+            self.metrics.update_generation(stats.kinds, gen["value"], stats.groups)
+            if self.unedited is not None:
+                self.unedited.update_generation(stats.kinds, gen["unedited_value"], stats.groups)
         if h.fluency:
             prompts = [p for c in cases for p in c.request.generation_prompts]
             if prompts:
                 texts = generate(ed, prompts, max_new_tokens=h.fluency_tokens)
                 self.metrics.update_fluency([ed.tokenizer(t)["input_ids"] for t in texts])
         ed.update_extra_metrics(cases, self.metrics)
+        self.cases += case_records(cases, stats, gen)
+
+    def drift(self) -> dict:
+        """{"ppl_ratio": edited / unedited perplexity on the drift texts} (1.0 without an edit), or {}."""
+        ed, h = self.editor, self.editor.hparams
+        if not h.drift:
+            return {}
+        texts = drift_texts(h.drift_texts, h.drift_samples)
+        edited = perplexity(ed, texts, batch_size=max(1, h.forward_batch_size // 4))
+        if not ed.edit_log:
+            return {"ppl_ratio": 1.0, "ppl": edited}
+        with ed.disabled():
+            base = perplexity(ed, texts, batch_size=max(1, h.forward_batch_size // 4))
+        return {"ppl_ratio": edited / base, "ppl": edited, "ppl_unedited": base}
 
     def compute(self) -> dict:
-        """Percentages (synchronised across ranks by torchmetrics: call on every rank)."""
-        return self.metrics.compute()
+        """Percentages (synchronised across ranks by torchmetrics: call on every rank), and the drift."""
+        values = self.metrics.compute()
+        drift = self.drift()
+        if drift:
+            values["ppl_ratio"] = drift["ppl_ratio"]
+            self.perplexity = drift
+        return values
 
     def compute_unedited(self) -> dict | None:
         """The unedited model's percentages on the same cases (a collective too), or None."""
-        return None if self.unedited is None else self.unedited.compute()
+        if self.unedited is None:
+            return None
+        values = self.unedited.compute()
+        if self.editor.hparams.drift:
+            values["ppl_ratio"] = 1.0
+        return values
+
+    def all_cases(self) -> list[dict]:
+        """Every rank's case records, in case order (a collective under DDP: call on every rank)."""
+        dist = torch.distributed
+        records = self.cases
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        return sorted(records, key=lambda r: r["case"])
 
     @property
     def seconds(self) -> float:
         return time.perf_counter() - self.started
+
+
+def case_records(cases: list[EvalCase], stats: PromptStats, gen: dict | None = None) -> list[dict]:
+    """One JSON-ready record per case: its request, and per prompt its kind, text, target and every
+    score (`editing.metrics.prompt_values`; "gen" and "generated" with generation-based scoring),
+    with the case's mean of each score per kind in "scores" (the numbers the metrics average)."""
+    values = prompt_values(stats)
+    if gen is not None:
+        values["gen"] = gen["value"]
+    by_case: dict[int, list[int]] = {}
+    for i, g in enumerate(stats.groups.tolist()):
+        by_case.setdefault(g, []).append(i)
+    prompts_of = {c.index: c.prompts for c in cases}
+    out = []
+    for c in cases:
+        rows = by_case.get(c.index, [])
+        r = c.request
+        prompts, scores = [], {}
+        for i, p in zip(rows, prompts_of[c.index]):
+            entry = {"kind": p.kind, "prompt": p.prompt, "target": p.target}
+            for name, v in values.items():
+                x = float(v[i])
+                if x == x:  # not NaN
+                    entry[name] = x
+                    scores.setdefault(f"{p.kind}_{name}", []).append(x)
+            if gen is not None:
+                entry["generated"] = gen["text"][i]
+            prompts.append(entry)
+        out.append({"case": c.index, "case_id": r.case_id, "subject": r.subject, "target_new": r.target_new,
+                    "target_true": r.target_true, "prompts": prompts,
+                    "scores": {k: 100.0 * sum(v) / len(v) for k, v in scores.items()}})
+    return out
+
+
+def intervals(records: list[dict], sources: dict[str, str], confidence: float = 0.95, n_resamples: int = 2000,
+              seed: int = 0) -> dict:
+    """Bootstrap confidence intervals over cases (`scipy.stats.bootstrap`, BCa) of each headline metric
+    (`sources`: headline -> the metric it took, `EditMetrics.headline_sources`) from the per-case
+    scores of `case_records`, and of "score" / "gen_score" (their harmonic mean, resampling cases
+    paired). An interval of identical values is that value."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    def ci(samples, statistic, paired=False):
+        samples = tuple(np.asarray(x, dtype=np.float64) for x in samples)
+        if len(samples[0]) < 2:
+            return None
+        if all(np.ptp(x) == 0 for x in samples):
+            v = float(statistic(*samples, axis=-1))
+            return [v, v]
+        res = bootstrap(samples, statistic, confidence_level=confidence, n_resamples=n_resamples, method="BCa",
+                        paired=paired, vectorized=True, random_state=np.random.default_rng(seed))
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        return None if lo != lo or hi != hi else [lo, hi]
+
+    def hmean(*xs, axis=-1):
+        means = np.stack([np.mean(x, axis=axis) for x in xs])
+        safe = np.where(means > 0, means, 1.0)
+        return np.where((means > 0).all(0), len(xs) / (1.0 / safe).sum(0), 0.0)
+
+    out: dict = {}
+    for head, metric in sources.items():
+        x = [r["scores"][metric] for r in records if metric in r["scores"]]
+        got = ci([x], lambda a, axis=-1: np.mean(a, axis=axis))
+        if got is not None:
+            out[head] = got
+    for score, heads in (("score", HEADLINE_KEYS), ("gen_score", GEN_HEADLINE_KEYS)):
+        if not all(h in sources for h in heads):
+            continue
+        rows = [r for r in records if all(sources[h] in r["scores"] for h in heads)]
+        got = ci([[r["scores"][sources[h]] for r in rows] for h in heads], hmean, paired=True)
+        if got is not None:
+            out[score] = got
+    return {"confidence": confidence, "method": f"BCa bootstrap over cases, {n_resamples} resamples", **out}
 
 
 def evaluate(editor, cases: list, style: str = "counterfact") -> dict:
@@ -196,9 +408,9 @@ def evaluate(editor, cases: list, style: str = "counterfact") -> dict:
 
 
 def report(editor, values: dict, eval_seconds: float, datamodule=None, world_size: int = 1,
-           unedited: dict | None = None) -> dict:
+           unedited: dict | None = None, intervals: dict | None = None) -> dict:
     """The results.json document of one evaluation (`unedited`: the unedited model's metrics on the
-    same cases)."""
+    same cases; `intervals`: bootstrap confidence intervals of the headline metrics)."""
     dm = datamodule
     edited = sum(len(e["cases"]) for e in editor.edit_log)
     return {
@@ -211,6 +423,8 @@ def report(editor, values: dict, eval_seconds: float, datamodule=None, world_siz
         "timing": {"edit": float(sum(e["seconds"] for e in editor.edit_log)), "evaluate": eval_seconds},
         "metrics": values,
         **({"unedited": unedited} if unedited is not None else {}),
+        **({"intervals": intervals} if intervals else {}),
+        **({"perplexity": editor.evaluation.perplexity} if getattr(editor.evaluation, "perplexity", None) else {}),
         "style": editor.evaluation.metrics.style,
         "definitions": editor.evaluation.metrics.definitions(),
         "config": {"model": dict(editor.hparams), "data": dict(dm.hparams) if dm is not None else None},
@@ -235,12 +449,15 @@ class EvaluationReport(pl.Callback):
         values = ev.compute()
         unedited = ev.compute_unedited()
         seconds = ev.seconds
+        records = ev.all_cases()                                      # collectives: every rank
         pl_module.log_dict({f"test/{k}": float(v) for k, v in values.items()}, rank_zero_only=True)
-        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: every rank
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
-            doc = report(pl_module, values, seconds, trainer.datamodule, trainer.world_size, unedited)
+            cis = intervals(records, ev.metrics.headline_sources) if records else None
+            doc = report(pl_module, values, seconds, trainer.datamodule, trainer.world_size, unedited, cis)
             path = run_dir / pl_module.hparams.results_name
             write_json_atomic(doc, path)
+            write_text_atomic("".join(json.dumps(r) + "\n" for r in records), cases_path(path))
             from editing.report import summary_table
             print(summary_table(doc, verbose=pl_module.verbose_metrics))
             print(f"results: {path}")

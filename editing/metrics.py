@@ -24,8 +24,8 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.aggregation import MeanMetric
 
-from editing.definitions import (DEFINITIONS, HEADLINE_FALLBACKS, HEADLINE_KEYS, HEADLINES,  # noqa: F401
-                                 WITHDRAWAL_KEYS, headline_definitions)
+from editing.definitions import (DEFINITIONS, GEN_HEADLINE_KEYS, HEADLINE_FALLBACKS,  # noqa: F401
+                                 HEADLINE_KEYS, HEADLINES, WITHDRAWAL_KEYS, headline_definitions)
 
 KINDS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood", "locality")
 WIN_KINDS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood")
@@ -132,13 +132,44 @@ def _masked_share(hits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return share.masked_fill(n == 0, float("nan"))
 
 
+def token_accuracy(correct: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[N] per prompt: share of target tokens that are the teacher-forced argmax (NaN: no tokens)."""
+    return _masked_share(correct.bool(), mask.bool())
+
+
+def probability_win(target_logprob: torch.Tensor, contrast_logprob: torch.Tensor) -> torch.Tensor:
+    """[N] per prompt: 1 if the target's mean token log-prob beats the contrast's (ties lose), NaN
+    where either is NaN."""
+    tgt, con = target_logprob.to(torch.float64), contrast_logprob.to(torch.float64)
+    return (tgt > con).to(torch.float64).masked_fill(torch.isnan(tgt) | torch.isnan(con), float("nan"))
+
+
+def unchanged_prediction(pred: torch.Tensor, base_pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[N] per prompt: share of target positions whose edited argmax equals the unedited model's
+    (positions with base_pred < 0 left out; NaN: none left)."""
+    return _masked_share(pred == base_pred, mask.bool() & (base_pred >= 0))
+
+
+def prompt_values(stats: "PromptStats") -> dict[str, torch.Tensor]:
+    """The per-prompt values [N] the grouped metrics average (NaN where a value does not apply):
+    "acc", "win" (rewrite, paraphrase, neighbourhood) and "unchanged" (neighbourhood, locality)."""
+    kinds = stats.kinds
+    nan = torch.full((len(kinds),), float("nan"), dtype=torch.float64)
+    win = probability_win(stats.target_logprob.cpu(), stats.contrast_logprob.cpu())
+    win = torch.where(torch.tensor([k in WIN_KINDS for k in kinds]), win, nan)
+    unchanged = nan.clone()
+    if stats.base_pred is not None:
+        rows = torch.tensor([k in UNCHANGED_KINDS for k in kinds])
+        unchanged = torch.where(rows, unchanged_prediction(stats.pred.cpu(), stats.base_pred.cpu(), stats.mask.cpu()), nan)
+    return {"acc": token_accuracy(stats.correct.cpu(), stats.mask.cpu()), "win": win, "unchanged": unchanged}
+
+
 class TokenAccuracy(GroupedMean):
     """Per prompt: share of target tokens that are the teacher-forced argmax (prompts without tokens: skipped)."""
 
     def update(self, correct: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor) -> None:
         device = self.mean_value.device
-        per_prompt = _masked_share(correct.detach().to(device).bool(), mask.detach().to(device).bool())
-        self._accumulate(per_prompt, groups)
+        self._accumulate(token_accuracy(correct.detach().to(device), mask.detach().to(device)), groups)
 
 
 class ProbabilityWin(GroupedMean):
@@ -149,10 +180,8 @@ class ProbabilityWin(GroupedMean):
 
     def update(self, target_logprob: torch.Tensor, contrast_logprob: torch.Tensor, groups: torch.Tensor) -> None:
         device = self.mean_value.device
-        tgt = target_logprob.detach().to(device, torch.float64)
-        con = contrast_logprob.detach().to(device, torch.float64)
-        win = (tgt > con).to(torch.float64).masked_fill(torch.isnan(tgt) | torch.isnan(con), float("nan"))
-        self._accumulate(win, groups)
+        self._accumulate(probability_win(target_logprob.detach().to(device), contrast_logprob.detach().to(device)),
+                         groups)
 
 
 class UnchangedPrediction(GroupedMean):
@@ -163,9 +192,8 @@ class UnchangedPrediction(GroupedMean):
 
     def update(self, pred: torch.Tensor, base_pred: torch.Tensor, mask: torch.Tensor, groups: torch.Tensor) -> None:
         device = self.mean_value.device
-        pred, base_pred = pred.detach().to(device), base_pred.detach().to(device)
-        mask = mask.detach().to(device).bool() & (base_pred >= 0)
-        self._accumulate(_masked_share(pred == base_pred, mask), groups)
+        self._accumulate(unchanged_prediction(pred.detach().to(device), base_pred.detach().to(device),
+                                              mask.detach().to(device)), groups)
 
 
 def ngram_entropy(tokens: Sequence, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
@@ -232,6 +260,7 @@ class EditMetrics(nn.Module):
         m: dict[str, Metric] = {f"{k}_acc": TokenAccuracy() for k in KINDS}
         m.update({f"{k}_win": ProbabilityWin() for k in WIN_KINDS})
         m.update({f"{k}_unchanged": UnchangedPrediction() for k in UNCHANGED_KINDS})
+        m.update({f"{k}_gen": GroupedMean() for k in KINDS})
         m["fluency"] = NgramEntropy()
         m.update({k: GroupedMean() for k in WITHDRAWAL_KEYS})
         self.metrics = nn.ModuleDict(m)
@@ -254,6 +283,15 @@ class EditMetrics(nn.Module):
                 self.metrics[f"{kind}_win"].update(s.target_logprob, s.contrast_logprob, s.groups)
             if kind in UNCHANGED_KINDS and s.base_pred is not None:
                 self.metrics[f"{kind}_unchanged"].update(s.pred, s.base_pred, s.mask, s.groups)
+
+    def update_generation(self, kinds: list[str], values: torch.Tensor, groups: torch.Tensor) -> None:
+        """Generation-based values per prompt (`editing.evaluation.generation_values`): 1/0 whether
+        the greedy continuation starts with the target (rewrite, paraphrase) or equals the unedited
+        model's (neighbourhood, locality)."""
+        for kind in KINDS:
+            rows = torch.tensor([i for i, k in enumerate(kinds) if k == kind], dtype=torch.long)
+            if rows.numel():
+                self.metrics[f"{kind}_gen"].update(values[rows], groups[rows])
 
     def update_withdrawal(self, changed: torch.Tensor, consistent: torch.Tensor, groups: torch.Tensor) -> None:
         """Traceable editors: per withdrawn edit (case index in ``groups``), whether its predictions
@@ -288,6 +326,9 @@ class EditMetrics(nn.Module):
         if len(heads) == len(HEADLINE_KEYS):
             out["score"] = harmonic_mean(heads)
             out["score_mean"] = arithmetic_mean(heads)
+        gen = [out[h] for h in GEN_HEADLINE_KEYS if h in out]
+        if len(gen) == len(GEN_HEADLINE_KEYS):
+            out["gen_score"] = harmonic_mean(gen)
         return out
 
     def definitions(self) -> dict[str, str]:

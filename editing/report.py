@@ -128,7 +128,8 @@ def _run_labels(results: Sequence[dict]) -> list[str]:
 
 # Settings of how a run was evaluated, not of its edit: never what tells two editors apart.
 EVALUATION_SETTINGS = frozenset({"eval_unedited", "forward_batch_size", "results_name", "fluency",
-                                 "fluency_tokens", "predict_tokens"})
+                                 "fluency_tokens", "predict_tokens", "gen_eval", "gen_extra_tokens", "drift",
+                                 "drift_texts", "drift_samples"})
 
 
 def method_names(results: Sequence[dict]) -> list[str]:

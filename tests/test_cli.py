@@ -116,11 +116,17 @@ def test_console_output_is_a_compact_table_without_noise(tiny_dirs, tmp_path):
     assert [c.strip() for c in table[0].strip("|").split("|")] == ["metric", "edited", "unedited",
                                                                    "what it measures (% of cases)"]
     rows = {r.strip("|").split("|")[0].strip(): [c.strip() for c in r.strip("|").split("|")[1:]] for r in table[1:]}
-    assert list(rows) == ["reliability", "generality", "locality", "score"]
+    assert list(rows) == ["reliability", "generality", "locality", "score", "gen_reliability", "gen_generality",
+                          "gen_locality", "gen_score", "ppl_ratio"]
     [res] = results(tmp_path)
+    assert res["unedited"]["ppl_ratio"] == 1.0 and res["unedited"]["gen_locality"] == 100.0
+    assert set(res["intervals"]) >= {"reliability", "generality", "locality", "score", "gen_reliability"}
+    [cases_file] = sorted(tmp_path.rglob("cases.jsonl"))
+    cases = [json.loads(l) for l in cases_file.read_text().splitlines()]
+    assert [c["case"] for c in cases] == [0, 1, 2, 3] and all("generated" in p for p in cases[0]["prompts"])
     for key, (edited, unedited, meaning) in rows.items():
         assert edited == f"{res['metrics'][key]:.1f}" and unedited == f"{res['unedited'][key]:.1f}" and meaning
-    assert rows["reliability"][2] == "edit prompts where the new target is more likely than the true one"
+    assert rows["reliability"][2] == "teacher-forced: new target outscores the true one on edit prompts"
     assert max(len(l) for l in table) <= 110  # fits a terminal
     for noise in ("Test metric", "DataLoader 0", "litlogger", "eval mode", "LeafSpec", "GPU available",
                   "Seed set", "weights_only", "v_num", "Epoch 0"):

@@ -41,5 +41,5 @@ def test_held_out_texts_are_the_last_of_the_order(tmp_path):
     texts = load_corpus(str(path))
     out = held_out(str(path), n=10)
     assert out == texts[-10:] and not set(out) & set(load_corpus(str(path), n=40))
-    with pytest.raises(ValueError, match="too few"):
+    with pytest.raises(ValueError, match="at most"):
         held_out(str(path), n=50)

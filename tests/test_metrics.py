@@ -141,7 +141,8 @@ def test_edit_metrics_routing_counterfact_and_zsre():
     assert out["reliability"] == 50.0 and out["generality"] == 0.0 and out["locality"] == 50.0
     assert out["score"] == 0.0 and out["score_mean"] == pytest.approx(100 / 3)
     assert headline_definitions("zsre") == {"reliability": "rewrite_acc", "generality": "paraphrase_acc",
-                                            "locality": "locality_unchanged"}
+                                            "locality": "locality_unchanged", "gen_reliability": "rewrite_gen",
+                                            "gen_generality": "paraphrase_gen", "gen_locality": "locality_gen"}
     assert headline_definitions("counterfact")["locality"] == "neighborhood_win"
     with pytest.raises(ValueError):
         headline_definitions("mquake")
@@ -272,7 +273,7 @@ def test_definitions_cover_every_key():
     keys = set()
     for style in HEADLINES:
         m = EditMetrics(style)
-        keys |= set(m.metrics) | set(m.headlines) | {"score", "score_mean"}
+        keys |= set(m.metrics) | set(m.headlines) | {"score", "score_mean", "gen_score", "ppl_ratio"}
     assert keys == set(DEFINITIONS)
     assert all(v and "\n" not in v for v in DEFINITIONS.values())
 

@@ -154,11 +154,11 @@ def test_summary_table_is_compact_and_says_what_each_row_means():
     cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
     assert [c[:3] for c in cells] == [["reliability", "96.0", "12.0"], ["generality", "71.3", "15.5"],
                                       ["locality", "63.0", "88.0"], ["score", "74.1", "19.9"]]
-    assert "new target is more likely than the true one" in cells[0][3]
+    assert "new target outscores the true one" in cells[0][3]
     assert all(len(l) <= 110 for l in lines)          # fits a terminal
     assert "rewrite_acc" not in "\n".join(lines)      # only the headline rows by default
     zsre = summary_table(_doc("zsre"))
-    assert "tokens of the new target predicted on the edit prompt" in zsre
+    assert "new target's tokens predicted on the edit prompt" in zsre
     verbose = summary_table(_doc(), verbose=True)
     assert "| rewrite_acc" in verbose and "| neighborhood_unchanged" in verbose and "100.0" in verbose
     # without the unedited scores the column says so instead of inventing numbers

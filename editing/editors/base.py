@@ -62,6 +62,12 @@ class Editor(pl.LightningModule):
         max_target_drop: how much a step may lower its own targets' mean token log-probability.
         predict_tokens: tokens generated per prompt by `predict` / `compare`.
         eval_unedited: `test` also scores the unedited model on the same cases (the table's column).
+        gen_eval: also score greedy generations (no teacher forcing): rewrite_gen, paraphrase_gen,
+            neighborhood_gen, locality_gen and the gen_* headline (`editing.evaluation.generation_values`).
+        gen_extra_tokens: tokens generated beyond each target's token count.
+        drift: report ppl_ratio, the perplexity on held-out text over the unedited model's.
+        drift_texts: a file of texts for the drift (None: the offline corpus's held-out texts).
+        drift_samples: how many texts the drift uses.
     """
 
     method = "editor"
@@ -71,7 +77,9 @@ class Editor(pl.LightningModule):
                  forward_batch_size: int = 64, fluency: bool = False, fluency_tokens: int = 50,
                  results_name: str = "results.json", max_length: int | None = None, step_checks: bool = True,
                  max_entropy_shift: float | None = 3.0, max_relative_change: float | None = 1000.0,
-                 max_target_drop: float = 0.5, predict_tokens: int = 20, eval_unedited: bool = True):
+                 max_target_drop: float = 0.5, predict_tokens: int = 20, eval_unedited: bool = True,
+                 gen_eval: bool = True, gen_extra_tokens: int = 3, drift: bool = True, drift_texts: str | None = None,
+                 drift_samples: int = 64):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
