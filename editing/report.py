@@ -1,13 +1,14 @@
 """Tables and plots from `results.json` files.
 
     python -m editing.report runs/ft runs/noedit/lightning_logs/version_0 'runs/*/lightning_logs/*' \\
-        --out report.md --plot report.png [--columns rewrite_acc,locality_acc]
+        --out report.md --plot report.png [--columns rewrite_acc,locality_acc] [--cases 10]
 
 A path may be a results.json file, a run directory (searched recursively for results.json) or a glob.
 Runs of the same method are told apart by the settings that differ between them, else by their run
 folder. The markdown file holds the metric definitions under the table. `summary_table` is the compact
 table the CLI prints after an evaluation: the headline metrics as rows, the edited model beside the
-unedited one on the same cases, with a one-line reading of each.
+unedited one on the same cases, with a one-line reading of each. `--cases N` prints each run's N worst
+cases (lowest mean headline score) from the cases.jsonl beside its results.json.
 
 This module imports neither torch nor the metrics, so the command starts quickly.
 """
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from editing.definitions import DEFINITIONS, SHORT, SUMMARY_KEYS
+from editing.definitions import DEFINITIONS, HEADLINE_FALLBACKS, HEADLINES, SHORT, SUMMARY_KEYS
 
 HEADLINE: tuple[str, ...] = ("reliability", "generality", "locality", "score")
 FIXED: tuple[str, ...] = ("method", "model", "data", "num_edits", "edit_batch_size")
@@ -29,7 +30,8 @@ TIMING: tuple[tuple[str, str], ...] = (("edit_s", "edit"), ("eval_s", "evaluate"
 # Report order of the other metric keys (editing.metrics); unknown keys follow alphabetically.
 _KINDS = ("rewrite", "paraphrase", "neighborhood", "locality")
 ORDER: tuple[str, ...] = ("score_mean",) + tuple(f"{k}_{s}" for s in ("acc", "win", "unchanged") for k in _KINDS) \
-    + ("fluency",)
+    + ("gen_reliability", "gen_generality", "gen_locality", "gen_score", "ppl_ratio") \
+    + tuple(f"{k}_gen" for k in _KINDS) + ("fluency",)
 MISSING = "–"
 
 
@@ -288,6 +290,49 @@ def bar_chart(results: Sequence[dict], path: str | Path, metrics: Sequence[str] 
     return path
 
 
+def cases_file(result: dict) -> Path:
+    """The cases.jsonl written beside a results file (`editing.evaluation.cases_path`)."""
+    path = Path(result.get("_path", "results.json"))
+    return path.with_name("cases.jsonl" if path.name == "results.json" else f"{path.stem}.cases.jsonl")
+
+
+def worst_cases(result: dict, n: int = 10) -> str:
+    """A markdown table of the `n` cases of one run with the lowest mean headline score (teacher-forced
+    and generated, each per case as the metrics average it), with the edit prompt's continuation."""
+    path = cases_file(result)
+    if not path.exists():
+        raise SystemExit(f"error: no {path.name} beside {result.get('_path')} (a run from before per-case results)")
+    style = result.get("style") or "counterfact"
+    heads = {**HEADLINES.get(style, {})}
+    fallbacks = HEADLINE_FALLBACKS.get(style, {})
+    rows = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            case = json.loads(line)
+            scores = case["scores"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: {path}: line {line_no} is not a case record ({e})")
+        values = {}
+        for head, metric in heads.items():
+            for candidate in (metric, *fallbacks.get(head, ())):
+                if candidate in scores:
+                    values[head] = scores[candidate]
+                    break
+        rewrite = next((p for p in case.get("prompts", []) if p.get("kind") == "rewrite"), {})
+        mean = sum(values.values()) / len(values) if values else math.nan
+        rows.append((mean, case, values, rewrite.get("generated")))
+    rows.sort(key=lambda r: (math.isnan(r[0]), r[0]))
+    cols = [h for h in heads if any(h in v for _, _, v, _ in rows)]
+    lines = [f"Worst {min(n, len(rows))} of {len(rows)} cases of {result.get('method')} ({path}):", "",
+             "| case | subject | target_new | " + " | ".join(cols) + " | continuation of the edit prompt |",
+             "|---" * (len(cols) + 4) + "|"]
+    for mean, case, values, generated in rows[:n]:
+        cont = MISSING if generated is None else _cell(generated.strip()[:40])
+        lines.append(f"| {_cell(case.get('case_id'))} | {_cell(case.get('subject'))} | {_cell(case.get('target_new'))} | "
+                     + " | ".join(_number(values.get(c)) for c in cols) + f" | {cont} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m editing.report",
                                  description="Merge results.json files into a markdown table and a bar chart.")
@@ -295,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--out", help="write the markdown table here")
     ap.add_argument("--plot", help="write a bar chart PNG here")
     ap.add_argument("--columns", help="comma-separated metric columns (default: headline, then all others)")
+    ap.add_argument("--cases", type=int, metavar="N", help="also print each run's N worst cases (from cases.jsonl)")
     args = ap.parse_args(argv)
     results = load_results(args.paths)
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
@@ -306,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         Path(args.out).write_text(table + "\n\n" + definitions_block(results, shown) + "\n")
     if args.plot:
         bar_chart(results, args.plot)
+    for r in results if args.cases else ():
+        print("\n" + worst_cases(r, args.cases))
 
 
 if __name__ == "__main__":

@@ -58,6 +58,9 @@ def test_ddp_test_matches_one_process(fitted, tiny_dirs):
     assert one["metrics"].keys() == ddp["metrics"].keys()
     for k, v in one["metrics"].items():
         assert ddp["metrics"][k] == pytest.approx(v, abs=1e-6), k
+    assert one["intervals"] == ddp["intervals"]
+    lines = [sorted((root / n).rglob("cases.jsonl"))[0].read_text().splitlines() for n in ("one", "ddp")]
+    assert len(lines[0]) == 6 and [json.loads(l) for l in lines[0]] == pytest.approx([json.loads(l) for l in lines[1]])
     [fitted_res] = results(root / "fit")
     for k, v in fitted_res["metrics"].items():
         assert one["metrics"][k] == pytest.approx(v, abs=1e-6), k
@@ -70,6 +73,8 @@ def test_noedit_baseline(tiny_dirs, tmp_path):
     assert res["method"] == "noedit"
     assert res["metrics"]["locality_unchanged"] == 100.0
     assert res["metrics"]["neighborhood_unchanged"] == 100.0
+    assert res["metrics"]["ppl_ratio"] == 1.0
+    assert res["metrics"]["neighborhood_gen"] == res["metrics"]["locality_gen"] == res["metrics"]["gen_locality"] == 100.0
 
 
 def test_memit_ddp_fit_shards_targets_and_matches_one_process(tiny_dirs, tmp_path):

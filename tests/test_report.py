@@ -186,3 +186,23 @@ def test_evaluation_settings_do_not_name_a_run():
     c = {**a, "_path": "runs/ft/v2/results.json", "config": {"model": {"lr": 1e-3, "eval_unedited": False}}}
     assert method_names([a, b]) == ["ft (v0)", "ft (v1)"]
     assert method_names([a, c]) == ["ft [lr=0.0001]", "ft [lr=0.001]"]
+
+
+def test_worst_cases_come_from_cases_jsonl(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"method": "memit", "style": "counterfact",
+                                                  "metrics": {"reliability": 50.0}}))
+    cases = [{"case": i, "case_id": f"c{i}", "subject": f"S{i}", "target_new": "T",
+              "prompts": [{"kind": "rewrite", "prompt": "p", "target": "T", "generated": f" gen {i}"}],
+              "scores": {"rewrite_win": w, "paraphrase_win": w, "neighborhood_win": 100.0, "rewrite_gen": g}}
+             for i, (w, g) in enumerate([(100.0, 100.0), (0.0, 0.0), (50.0, 0.0)])]
+    (run / "cases.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cases))
+    main([str(run), "--cases", "2"])
+    out = capsys.readouterr().out
+    rows = [l for l in out.splitlines() if l.startswith("| c") and not l.startswith("| case")]
+    assert [r.split("|")[1].strip() for r in rows] == ["c1", "c2"]        # lowest mean first, N of them
+    assert "gen 1" in rows[0] and "gen_reliability" in out
+    (run / "cases.jsonl").write_text("not json\n")
+    with pytest.raises(SystemExit, match="line 1"):
+        main([str(run), "--cases", "2"])
