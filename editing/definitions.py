@@ -25,6 +25,8 @@ DEFINITIONS: dict[str, str] = {
     "fluency": "ROME generation entropy: per text the mean of 2/3·H2 and 4/3·H3 (n-gram entropies in bits), mean over texts; not a percentage",
     "retrieve_success": "share of edits whose teacher-forced per-token predictions on the edit prompt change when that edit alone is withdrawn (iReVa RS)",
     "consistency": "share of edits whose teacher-forced per-token predictions on the edit prompt, with that edit alone withdrawn, equal the unedited model's (iReVa Con)",
+    "portability_acc": "teacher-forced token accuracy of the answer on multi-hop prompts about the edited fact (EasyEdit portability, MQuAKE-style two-hop questions)",
+    "portability_gen": "generation-based: share of multi-hop prompts about the edited fact whose greedy continuation starts with their answer",
     "rewrite_gen": "generation-based: share of edit prompts whose greedy continuation (target tokens + a few, no teacher forcing) starts with target_new, case, punctuation and spacing ignored",
     "paraphrase_gen": "generation-based: share of paraphrases whose greedy continuation starts with target_new (as rewrite_gen)",
     "neighborhood_gen": "generation-based: share of neighbourhood prompts whose greedy continuation is token for token the unedited model's",

@@ -157,15 +157,15 @@ def starts_with_answer(continuation: str, target: str) -> bool:
     return bool(t) and (c == t or c.startswith(t + " "))
 
 
-HIT_KINDS = ("rewrite", "paraphrase")   # generation: does the continuation give the target?
+HIT_KINDS = ("rewrite", "paraphrase", "portability")   # generation: does the continuation give the target?
 
 
 @torch.no_grad()
 def generation_values(editor, prompts: list, extra_tokens: int = 3, batch_size: int = 64,
                       unedited: bool = False) -> dict:
     """Generation-based scores of EvalPrompts (no teacher forcing): each prompt's greedy continuation
-    of (its target's token count + `extra_tokens`) tokens. "value" [N]: for rewrite and paraphrase
-    prompts 1 if it starts with the target (`starts_with_answer`), for neighbourhood and locality
+    of (its target's token count + `extra_tokens`) tokens. "value" [N]: for rewrite, paraphrase and
+    portability prompts 1 if it starts with the target (`starts_with_answer`), for neighbourhood and locality
     prompts 1 if it is token for token the unedited model's; "text": the continuations. With
     `unedited`, "unedited_value" [N]: the same scores of the unedited model (1 on the unchanged kinds)."""
     tok = editor.tokenizer

@@ -27,7 +27,7 @@ from torchmetrics.aggregation import MeanMetric
 from editing.definitions import (DEFINITIONS, GEN_HEADLINE_KEYS, HEADLINE_FALLBACKS,  # noqa: F401
                                  HEADLINE_KEYS, HEADLINES, WITHDRAWAL_KEYS, headline_definitions)
 
-KINDS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood", "locality")
+KINDS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood", "locality", "portability")
 WIN_KINDS: tuple[str, ...] = ("rewrite", "paraphrase", "neighborhood")
 UNCHANGED_KINDS: tuple[str, ...] = ("neighborhood", "locality")
 

@@ -153,3 +153,48 @@ def test_shipped_benchmarks_equal_a_fresh_build(tmp_path, capsys):
         assert (tmp_path / f"pararel_{kind}.jsonl").read_bytes() == (SHIPPED_DIR / f"pararel_{kind}.jsonl").read_bytes()
     assert "1500 records" in capsys.readouterr().out
     assert load_benchmark(PARAREL, kind="factual").requests[:1500] == load_benchmark(kind="factual").requests
+
+
+def test_two_hop_portability_from_two_relations(tmp_path):
+    """P27 (citizenship) objects are P30 (continent) subjects: editing a citizenship asks for the new
+    country's continent through the person; a new country on the same continent asks nothing."""
+    root = write_pararel(tmp_path, {
+        "P27": (["[X] has a citizenship of [Y].", "[X] is a citizen of [Y]."],
+                [("Anna", "France"), ("Bert", "France"), ("Cleo", "Japan"), ("Dora", "Japan"), ("Emil", "Spain"),
+                 ("Fay", "Spain")]),
+        "P30": (["[X] belongs to the continent of [Y].", "[X] is a part of the continent of [Y]."],
+                [("France", "Europe"), ("Japan", "Asia"), ("Spain", "Europe"), ("Peru", "South America")]),
+    })
+    cf = build_pararel(root, "counterfactual", seed=0)
+    for r in (r for r in cf.requests if r.relation_id == "P27"):
+        continent = {"France": "Europe", "Japan": "Asia", "Spain": "Europe"}
+        if continent[r.target_new] == continent[r.target_true]:
+            assert r.portability_prompts == []
+        else:
+            assert r.portability_prompts == [f"The country of citizenship of {r.subject} belongs to the continent of"]
+            assert r.portability_answers == [continent[r.target_new]]
+    assert any(r.portability_prompts for r in cf.requests)
+    factual = build_pararel(root, "factual", seed=0)
+    anna = next(r for r in factual.requests if r.subject == "Anna")
+    assert anna.portability_answers == ["Europe"]
+    # the prompts become evaluation prompts of their own kind
+    from editing.data.records import EvalCase
+    kinds = [p.kind for p in EvalCase.from_request(anna, 0).prompts]
+    assert kinds.count("portability") == 1
+
+
+def test_easyedit_portability_entries_are_read(tmp_path):
+    zsre = [{"subject": "Anna", "src": "What is Anna's citizenship?", "alt": "Japan", "answers": ["France"],
+             "rephrase": "Which country is Anna a citizen of?", "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare",
+             "portability": {"New Question": "Which continent is Anna's country in?", "New Answer": "Asia"}}]
+    (tmp_path / "z.json").write_text(json.dumps(zsre))
+    [r] = load_benchmark(tmp_path / "z.json").requests
+    assert r.portability_prompts == ["Which continent is Anna's country in?"] and r.portability_answers == ["Asia"]
+    know = [{**zsre[0], "portability": {"Reasoning": [{"prompt": "Anna lives on the continent of",
+                                                         "ground_truth": [["Asia", "Asian continent"]]}]}}]
+    (tmp_path / "k.json").write_text(json.dumps(know))
+    [r] = load_benchmark(tmp_path / "k.json").requests
+    assert r.portability_prompts == ["Anna lives on the continent of"] and r.portability_answers == ["Asia"]
+    (tmp_path / "bad.json").write_text(json.dumps([{**zsre[0], "portability": [{"prompt": "x"}]}]))
+    with pytest.raises(DataError, match="portability"):
+        load_benchmark(tmp_path / "bad.json")

@@ -11,6 +11,10 @@ T-REx facts (subject, object). Two benchmarks are built from it, deterministical
 - "factual" (style "zsre", iReVa's PARAREL): insert the true object, with one paraphrase from another
   pattern and a locality prompt from a fact of another relation.
 
+Records of relations in `FIRST_HOP_PHRASES` also get two-hop portability prompts (`two_hop`): the
+edited object named through the subject inside a second relation's prompt, answered by that
+relation's object of the new (counterfactual) or inserted (factual) object.
+
 Only patterns whose object slot ends the sentence can serve as next-token prompts; relations with
 fewer than two such patterns are skipped. Relations are interleaved round-robin in a seeded order so
 that the first N records span many relations.
@@ -31,6 +35,21 @@ from editing.data.jsonio import read_json_lines, write_jsonl
 from editing.data.records import Benchmark, DataError, EditRequest, Kind, Style
 
 KIND_STYLE: dict[Kind, Style] = {"counterfactual": "counterfact", "factual": "zsre"}
+# Two-hop portability (MQuAKE-style): a first-hop relation whose object is the subject of a second-hop
+# relation gets a noun phrase naming that object through the subject; the second hop's first
+# template, filled with the phrase, asks about the edited object ("The country of citizenship of X
+# belongs to the continent of" -> the continent of the new country). Second hops are single-valued.
+FIRST_HOP_PHRASES: dict[str, str] = {
+    "P27": "the country of citizenship of {}",
+    "P17": "the country where {} is located",
+    "P495": "the country where {} was formed",
+    "P1376": "the country whose capital is {}",
+    "P20": "the city where {} died",
+    "P937": "the city where {} worked",
+    "P159": "the city where {} is headquartered",
+}
+SECOND_HOPS: tuple[str, ...] = ("P30", "P1376")   # continent; the country a city is the capital of
+NUM_PORTABILITY = 2
 SHIPPED_SIZE = 1500
 NUM_PARAPHRASES, NUM_NEIGHBOURS, NUM_GENERATION = 2, 5, 2
 
@@ -122,6 +141,35 @@ def _unrelated_fact(rng: random.Random, others: list[Relation], subject: str) ->
     return prompt, fact.object
 
 
+def single_objects(rel: Relation) -> dict[str, str]:
+    """subject -> object, for the subjects with exactly one object in `rel`."""
+    objects: dict[str, set[str]] = {}
+    for f in rel.facts:
+        objects.setdefault(f.subject, set()).add(f.object)
+    return {s: next(iter(o)) for s, o in objects.items() if len(o) == 1}
+
+
+def two_hop(rel: Relation, subject: str, new_object: str, old_object: str | None,
+            second: list[tuple[Relation, dict[str, str]]]) -> tuple[list[str], list[str]]:
+    """Portability prompts and answers for "rel(subject) = new_object": for each second-hop relation
+    that knows new_object's single object (and, if old_object is given, gives it a different answer, so
+    that the prompt tells the edit apart), its first template filled with the first hop's phrase."""
+    phrase = FIRST_HOP_PHRASES.get(rel.id)
+    prompts, answers = [], []
+    if phrase is None:
+        return prompts, answers
+    for rel2, objects in second:
+        answer = objects.get(new_object)
+        if rel2.id == rel.id or answer is None or (old_object is not None and objects.get(old_object) == answer):
+            continue
+        text = _fill(rel2.templates[0], phrase.format(subject))
+        prompts.append(text[0].upper() + text[1:])
+        answers.append(answer)
+        if len(prompts) == NUM_PORTABILITY:
+            break
+    return prompts, answers
+
+
 def relation_requests(rel: Relation, others: list[Relation], kind: Kind, rng: random.Random,
                       max_requests: int | None = None) -> list[EditRequest]:
     """The requests of one relation, in a seeded order."""
@@ -131,6 +179,7 @@ def relation_requests(rel: Relation, others: list[Relation], kind: Kind, rng: ra
     for f in rel.facts:
         subjects_of.setdefault(f.object, set()).add(f.subject)
         objects_of.setdefault(f.subject, set()).add(f.object)
+    second = [(r, single_objects(r)) for r in sorted(others, key=lambda r: r.id) if r.id in SECOND_HOPS]
     facts = list(rel.facts)
     rng.shuffle(facts)
     out: list[EditRequest] = []
@@ -151,13 +200,16 @@ def relation_requests(rel: Relation, others: list[Relation], kind: Kind, rng: ra
                 continue
             neighbours = rng.sample(neighbours, min(NUM_NEIGHBOURS, len(neighbours)))
             paraphrases = rng.sample(other_templates, min(NUM_PARAPHRASES, len(other_templates)))
-            req = EditRequest(target_new=rng.choice(alternatives), target_true=f.object,
+            target_new = rng.choice(alternatives)
+            req = EditRequest(target_new=target_new, target_true=f.object,
                               paraphrase_prompts=[_fill(t, f.subject) for t in paraphrases],
                               neighborhood_prompts=[_fill(rng.choice(rel.templates), n) for n in neighbours],
                               **common)
+            req.portability_prompts, req.portability_answers = two_hop(rel, f.subject, target_new, f.object, second)
         else:
             req = EditRequest(target_new=f.object, paraphrase_prompts=[_fill(rng.choice(other_templates), f.subject)],
                               **common)
+            req.portability_prompts, req.portability_answers = two_hop(rel, f.subject, f.object, None, second)
         out.append(req.validate(file=rel.source, record=f.line))
     return out
 

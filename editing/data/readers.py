@@ -27,6 +27,7 @@ _FIELDS = {f.name for f in fields(EditRequest)}
 _REQUIRED = ("case_id", "prompt", "subject", "target_new")
 _OPTIONAL_STR = ("target_true", "locality_prompt", "locality_answer", "relation_id")
 _LISTS = ("paraphrase_prompts", "neighborhood_prompts", "generation_prompts")
+_PORTABILITY = ("portability_prompts", "portability_answers")
 _LAYOUT_HINT = ("expected COUNTERFACT (a 'requested_rewrite' field), zsRE ('src' and 'alt') or the toolkit's "
                 "own layout ('prompt', 'subject', 'target_new')")
 
@@ -90,6 +91,43 @@ def _target(rec: dict, key: str, at: Where, required: bool) -> str | None:
     return value.strip()
 
 
+def _first_answer(value, at: Where) -> str:
+    """An answer: a string, or the first string of a (nested) list of aliases, as EasyEdit stores them."""
+    while isinstance(value, list) and value:
+        value = value[0]
+    if not isinstance(value, str) or not value.strip():
+        raise at.error("expected an answer string (or a list of aliases)", "portability")
+    return value.strip()
+
+
+def _portability(rec: dict, at: Where) -> dict[str, list[str]]:
+    """EasyEdit-style `portability` entries -> portability_prompts / portability_answers. Accepted: the
+    zsRE portability files' {"New Question": q, "New Answer": a}; KnowEdit's {category: [{"prompt": q,
+    "ground_truth": a}, ...], ...}; or a list of {"prompt": q, "ground_truth" | "answer": a}."""
+    value = rec.get("portability")
+    if value is None:
+        return {}
+    if isinstance(value, dict) and "New Question" in value:
+        items = [{"prompt": value["New Question"], "answer": value.get("New Answer")}]
+    elif isinstance(value, dict):
+        items = []
+        for category, entries in value.items():
+            if not isinstance(entries, list):
+                raise at.error(f"portability category {category!r} must be a list of prompts", "portability")
+            items += entries
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise at.error(f"expected an object or a list, got {type(value).__name__}", "portability")
+    prompts, answers = [], []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
+            raise at.error("each portability entry needs a 'prompt' string", "portability")
+        prompts.append(item["prompt"].strip())
+        answers.append(_first_answer(item.get("ground_truth", item.get("answer")), at))
+    return {"portability_prompts": prompts, "portability_answers": answers}
+
+
 def _case_id(rec: dict, at: Where) -> str:
     value = rec.get("case_id")
     return str(at.record if value is None else value)
@@ -111,7 +149,7 @@ def counterfact_requests(rec: dict, at: Where) -> list[EditRequest]:
             prompt=_require(rw, "prompt", at), subject=_require(rw, "subject", at),
             target_new=_target(rw, "target_new", at, required=True),
             target_true=_target(rw, "target_true", at, required=False),
-            relation_id=_optional_str(rw, "relation_id", at), **shared)
+            relation_id=_optional_str(rw, "relation_id", at), **shared, **_portability(rec, at))
         out.append(req.validate(file=at.file, record=at.record))
     return out
 
@@ -133,7 +171,7 @@ def zsre_requests(rec: dict, at: Where) -> list[EditRequest]:
         subject=src[start:start + len(subject)], target_new=_require(rec, "alt", at).strip(),
         target_true=answers[0].strip() if answers else None,
         paraphrase_prompts=_str_list(rec, "rephrase", at),
-        locality_prompt=loc, locality_answer=loc_ans.strip() if loc is not None else None)
+        locality_prompt=loc, locality_answer=loc_ans.strip() if loc is not None else None, **_portability(rec, at))
     return [req.validate(file=at.file, record=at.record)]
 
 
@@ -146,7 +184,7 @@ def jsonl_requests(rec: dict, at: Where) -> list[EditRequest]:
     values["case_id"] = str(_require(rec, "case_id", at, (str, int)))
     values.update({key: _optional_str(rec, key, at) for key in _OPTIONAL_STR})
     # Lists pass through unchanged (null = empty) so that `validate` reports a wrong type.
-    values.update({key: [] if rec.get(key) is None else rec[key] for key in _LISTS})
+    values.update({key: [] if rec.get(key) is None else rec[key] for key in _LISTS + _PORTABILITY})
     return [EditRequest(**values).validate(file=at.file, record=at.record)]
 
 

@@ -57,6 +57,10 @@ class EditRequest:
     locality_answer: str | None = None
     generation_prompts: list[str] = field(default_factory=list)
     relation_id: str | None = None
+    # Multi-hop questions about the edited fact (MQuAKE / EasyEdit portability): after the edit, each
+    # prompt should be answered with its answer (which follows from the new fact).
+    portability_prompts: list[str] = field(default_factory=list)
+    portability_answers: list[str] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -89,10 +93,14 @@ class EditRequest:
             fail("a locality prompt needs a locality answer and the reverse", "locality_answer")
         if self.locality_answer is not None and not self.locality_answer.strip():
             fail("the locality answer is empty", "locality_answer")
-        for name in ("paraphrase_prompts", "neighborhood_prompts", "generation_prompts"):
+        for name in ("paraphrase_prompts", "neighborhood_prompts", "generation_prompts", "portability_prompts",
+                     "portability_answers"):
             value = getattr(self, name)
             if not isinstance(value, list) or not all(isinstance(p, str) and p.strip() for p in value):
                 fail("must be a list of non-empty strings", name)
+        if len(self.portability_prompts) != len(self.portability_answers):
+            fail(f"{len(self.portability_prompts)} portability prompts but {len(self.portability_answers)} answers",
+                 "portability_answers")
         return self
 
     def with_suffix(self, suffix: str) -> "EditRequest":
@@ -103,7 +111,8 @@ class EditRequest:
         return replace(self, prompt=self.prompt + suffix,
                        paraphrase_prompts=[p + suffix for p in self.paraphrase_prompts],
                        neighborhood_prompts=[p + suffix for p in self.neighborhood_prompts],
-                       locality_prompt=None if self.locality_prompt is None else self.locality_prompt + suffix)
+                       locality_prompt=None if self.locality_prompt is None else self.locality_prompt + suffix,
+                       portability_prompts=[p + suffix for p in self.portability_prompts])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,6 +151,7 @@ class EvalCase:
                         for p in r.neighborhood_prompts]
         if r.locality_prompt is not None:
             prompts.append(EvalPrompt("locality", r.locality_prompt, r.locality_answer))
+        prompts += [EvalPrompt("portability", p, a) for p, a in zip(r.portability_prompts, r.portability_answers)]
         return cls(index=index, request=r, prompts=prompts)
 
 
