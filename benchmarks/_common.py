@@ -11,3 +11,34 @@ def sequence_parser(n: int = 200, batch: int = 10, description: str | None = Non
     ap.add_argument("--n", type=int, default=n, help="edits in all")
     ap.add_argument("--batch", type=int, default=batch, help="requests per edit step")
     return ap
+
+
+def editor_from_config(method: str, stats_samples: int | None = None, autocast: str | None = None,
+                       base_model: str | None = None, **overrides):
+    """The editor of the shipped SmolLM2 config `configs/<method>.yaml` (its model part) and the
+    config's edit batch size; closed-form editors take `stats_samples` and the target optimisation's
+    `autocast`. `base_model` swaps the model (a smoke test: every layer setting becomes layer 1)."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    from editing.editors.locate import LocateEditor
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / f"{method}.yaml").read_text())
+    spec = config["model"]
+    module, _, name = spec["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    kwargs = dict(spec.get("init_args", {}))
+    if issubclass(cls, LocateEditor):
+        kwargs.update(stats_samples=stats_samples, v_autocast=autocast)
+    if base_model:
+        kwargs["base_model"] = base_model
+        for key in ("layers", "high_layers", "lora_layers"):
+            if key in kwargs:
+                kwargs[key] = [1] if key != "high_layers" else [2]
+        for key in ("layer", "router_layer"):
+            if key in kwargs:
+                kwargs[key] = 1 if key == "layer" else 0
+    kwargs.update(overrides)
+    return cls(**kwargs), (config.get("data") or {}).get("edit_batch_size", 1)

@@ -26,17 +26,14 @@ same number of edits. An ETA is printed after every point.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import time
 from pathlib import Path
 
 import torch
-import yaml
-
+from _common import editor_from_config
 from editing.corpus import held_out
 from editing.data import load_benchmark
-from editing.editors.locate import LocateEditor
 from editing.evaluation import perplexity
 from editing.io import write_json_atomic
 
@@ -48,16 +45,9 @@ COLUMNS = ("reliability", "generality", "locality")
 
 
 def make_editor(method: str, args):
-    spec = yaml.safe_load((ROOT / "configs" / f"{method}.yaml").read_text())["model"]
-    module, _, name = spec["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    kwargs = dict(spec.get("init_args", {}))
-    if issubclass(cls, LocateEditor):
-        kwargs.update(stats_samples=args.stats_samples, v_autocast=args.autocast)
-    if args.base_model:
-        kwargs["base_model"] = args.base_model
-        kwargs.update({k: [1] for k in ("layers",) if k in kwargs} | ({"layer": 1} if "layer" in kwargs else {}))
-    return cls(**kwargs)
+    # teacher-forced scores and this script's own drift (200 texts) at every point, as the run began
+    return editor_from_config(method, args.stats_samples, args.autocast, args.base_model, gen_eval=False,
+                              drift=False)[0]
 
 
 def headline(m: dict) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import unicodedata
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -369,8 +370,10 @@ def intervals(records: list[dict], sources: dict[str, str], confidence: float = 
         if all(np.ptp(x) == 0 for x in samples):
             v = float(statistic(*samples, axis=-1))
             return [v, v]
-        res = bootstrap(samples, statistic, confidence_level=confidence, n_resamples=n_resamples, method="BCa",
-                        paired=paired, vectorized=True, random_state=np.random.default_rng(seed))
+        with warnings.catch_warnings():  # BCa on few or nearly constant cases: NaN, reported as no interval
+            warnings.simplefilter("ignore")
+            res = bootstrap(samples, statistic, confidence_level=confidence, n_resamples=n_resamples, method="BCa",
+                            paired=paired, vectorized=True, random_state=np.random.default_rng(seed))
         lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
         return None if lo != lo or hi != hi else [lo, hi]
 
