@@ -216,3 +216,30 @@ class MaskTracker:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+class CacheTracker:
+    """Whether the latest forward of `module` (the backbone) continues a KV cache, i.e. is an
+    incremental decoding step of `generate`: a forward pre-hook reads the cache argument
+    (`cache` or `past_key_values`) and records its length. Edits that route once per prompt and keep
+    the route for the decoding steps (GRACE, MELO) ask `decoding` instead of guessing from the shape
+    (a new one-token prompt right after a generate of the same batch size is not a decoding step).
+    `remove()` detaches."""
+
+    def __init__(self, module: nn.Module):
+        self.past = 0
+
+        def pre_hook(mod, args, kwargs):
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            try:
+                self.past = int(cache.get_seq_length()) if cache is not None else 0
+            except (AttributeError, TypeError):   # a legacy tuple cache
+                self.past = int(cache[0][0].shape[-2]) if cache else 0
+        self._handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    @property
+    def decoding(self) -> bool:
+        return self.past > 0
+
+    def remove(self) -> None:
+        self._handle.remove()

@@ -2,6 +2,8 @@
 bit-identical; a query inside ε of a key gets that key's value at the replacement positions; a
 conflicting label splits the radii, the same label expands them; training changes only the chosen
 value; withdraw, undo, failing steps and edit files restore or reproduce the codebook exactly."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -35,9 +37,14 @@ def test_codebook_retrieves_inside_the_radius_only():
         out = cb(x[:1])
     assert torch.equal(out[0, :2], value.expand(2, 3)) and torch.equal(out[0, 2:], base[0, 2:])
     cb.replacement = "all"                                             # generation: routed on the prompt pass
+    cb.cache = SimpleNamespace(decoding=False)
     out = cb(x[:1, :3])                                                # key = the last position (2)
     assert torch.equal(out[0], value.expand(3, 3))
-    assert torch.equal(cb(torch.randn(1, 1, 4))[0, 0], value)          # the next decoding step keeps the route
+    far = torch.randn(1, 1, 4) + 10.0
+    cb.cache.decoding = True
+    assert torch.equal(cb(far)[0, 0], value)                           # the next decoding step keeps the route
+    cb.cache.decoding = False
+    assert torch.equal(cb(far), cb.base_layer(far))                    # a new one-token prompt is routed afresh
 
 
 def request(i: int, target: str, subject: str | None = None) -> EditRequest:
@@ -138,3 +145,19 @@ def test_every_family(family, tiny_dirs, tmp_path):
     fresh.load_edit(ed.save_edit(tmp_path / "e"))
     with torch.no_grad():
         assert torch.equal(fresh.target_logprobs([REQS[0].text], [REQS[0].target_new])[0], lp1)
+
+
+def test_a_new_one_token_prompt_after_generate_is_routed_afresh(tiny_grace):
+    """generate keeps the prompt pass's route for its decoding steps; a later forward of a one-token
+    prompt with the same batch size is no decoding step and must not reuse it."""
+    ed = tiny_grace(eps=1e-4)
+    ed.edit(REQS[:1])
+    one = ed.tokenizer(["Hello"], return_tensors="pt", add_special_tokens=False)
+    one = {k: v[:, :1] for k, v in one.items()}
+    with torch.no_grad(), ed.disabled():
+        base = ed.model(**one).logits
+    edited = ed.generate([REQS[0].text], max_new_tokens=3)              # the edit prompt: routed to the entry
+    assert ed.codebook._route is not None and int(ed.codebook._route[0]) == 0
+    with torch.no_grad():
+        assert torch.equal(ed.model(**one).logits, base)
+    assert ed.generate([REQS[0].text], max_new_tokens=3) == edited      # decoding steps still keep the route

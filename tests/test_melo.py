@@ -7,6 +7,7 @@ import torch
 
 from editing.editors import MELO
 from editing.editors.base import EditError
+from editing.tuners.melo import BASE
 from conftest import fail_on_call
 from tests.test_locate import REQS
 
@@ -102,3 +103,17 @@ def test_every_family(family, tiny_dirs, tmp_path):
     fresh = MELO(**kw)
     fresh.load_edit(ed.save_edit(tmp_path / "e"))
     assert torch.equal(logits(fresh, [REQS[0].text]), edited)
+
+
+def test_a_new_one_token_prompt_after_generate_is_routed_afresh(make):
+    ed = make()
+    ed.edit(REQS[:1])
+    one = ed.tokenizer(["Hello"], return_tensors="pt", add_special_tokens=False)
+    one = {k: v[:, :1] for k, v in one.items()}
+    with torch.no_grad(), ed.disabled():
+        base = ed.model(**one).logits
+    edited = ed.generate([REQS[0].text], max_new_tokens=3)
+    assert ed.router._kept is not None and ed.router._kept[0] != BASE
+    with torch.no_grad():
+        assert torch.equal(ed.model(**one).logits, base)
+    assert ed.generate([REQS[0].text], max_new_tokens=3) == edited

@@ -60,7 +60,8 @@ class GRACE(Editor):
             check_choice(name, value, choices)
         self.layer = self.layout.layer_index(layer)
         out_dim, in_dim = weight_out_in(base_layer(self.layout.module(self.layer, part))).shape
-        self.inject(self.layer, part, lambda m: Codebook(m, in_dim, out_dim, replacement))
+        self._cache = hooks.CacheTracker(self.layout.backbone)
+        self.inject(self.layer, part, lambda m: Codebook(m, in_dim, out_dim, replacement, self._cache))
         self.entry_case: list[str] = []          # the edit (case id) that created each entry
         self.entry_label: list[list[int]] = []   # each entry's target token ids
         self._undo: list[dict] = []              # per edit: what to put back (this session)

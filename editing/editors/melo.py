@@ -67,7 +67,8 @@ class MELO(SnapshotUndo, Editor):
         if not rel or any(n not in modules for n in names):
             raise ValueError(f"MELO target modules not in the model: {[n for n in names if n not in modules][:3] or rel}")
         dim = weight_out_in(base_layer(lay.module(self.router_layer, part))).shape[0]
-        self.inject(self.router_layer, part, lambda m: Router(m, dim))
+        self._cache = hooks.CacheTracker(self.layout.backbone)
+        self.inject(self.router_layer, part, lambda m: Router(m, dim, self._cache))
         self.peft_config = LoraConfig(r=nrpb, lora_alpha=num_block * nrpb, lora_dropout=0.0, target_modules=names,
                                       bias="none", fan_in_fan_out=is_transposed(modules[names[0]]))
         object.__setattr__(self, "tuner", LoraModel(self.model, self.peft_config, block_name(0)))

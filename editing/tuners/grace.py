@@ -7,7 +7,8 @@ v_{i*}, otherwise f's output is left exactly as it is (an empty codebook never c
 
 Key position: inside a forward the editor drives (`querying(key_pos)`), each row's given position
 (its last prompt token); in any other forward (`generate`), the last position of the prompt pass,
-whose routing is kept for the incremental decoding steps that follow (routed once per prompt).
+whose routing is kept for the incremental decoding steps that follow (routed once per prompt; the
+backbone's `CacheTracker`, `cache`, tells a decoding step from a new prompt).
 Replacement: "last" (the key position; EasyEdit), "prompt" (the positions before it; the official
 code), "all" (every position, new decoding positions included).
 """
@@ -19,15 +20,18 @@ from typing import Iterator, Literal
 import torch
 from torch import nn
 
+from editing.hooks import CacheTracker
 from editing.tuners.base import EditLayer
 
 Replacement = Literal["last", "prompt", "all"]
 
 
 class Codebook(EditLayer):
-    def __init__(self, base_layer: nn.Module, d_in: int, d_out: int, replacement: Replacement = "last"):
+    def __init__(self, base_layer: nn.Module, d_in: int, d_out: int, replacement: Replacement = "last",
+                 cache: CacheTracker | None = None):
         super().__init__(base_layer)
         self.replacement = replacement
+        self.cache = cache   # whether the forward continues a KV cache (None: never a decoding step)
         self.register_buffer("keys", torch.zeros(0, d_in))
         self.register_buffer("values", torch.zeros(0, d_out))
         self.register_buffer("eps", torch.zeros(0))
@@ -60,6 +64,9 @@ class Codebook(EditLayer):
         keep[entries] = False
         self.keys, self.values, self.eps = self.keys[keep], self.values[keep], self.eps[keep]
 
+    def _decoding_step(self, B: int, S: int) -> bool:
+        return S == 1 and self.cache is not None and self.cache.decoding
+
     def nearest(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(entry, distance) of the nearest key to each query q [N, d_in] (float32 distances)."""
         d = torch.cdist(q.float(), self.keys.to(q.device))
@@ -81,7 +88,7 @@ class Codebook(EditLayer):
         rows = torch.arange(B, device=out.device)
         if self.key_pos is not None:
             pos = self.key_pos.to(out.device)
-        elif S == 1 and self._route is not None and self._route.shape[0] == B:
+        elif self._decoding_step(B, S) and self._route is not None and self._route.shape[0] == B:
             pos = None  # an incremental decoding step: the prompt pass decided the route
         else:
             pos = torch.full((B,), S - 1, device=out.device)

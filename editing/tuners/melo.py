@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from editing.hooks import CacheTracker
 from editing.tuners.base import EditLayer
 
 BASE = "__base__"
@@ -27,8 +28,9 @@ def block_name(b: int) -> str:
 
 
 class Router(EditLayer):
-    def __init__(self, base_layer: nn.Module, dim: int):
+    def __init__(self, base_layer: nn.Module, dim: int, cache: CacheTracker | None = None):
         super().__init__(base_layer)
+        self.cache = cache   # whether the forward continues a KV cache (None: never a decoding step)
         self.register_buffer("centres", torch.zeros(0, dim))
         self.register_buffer("radii", torch.zeros(0))
         self.register_buffer("point_keys", torch.zeros(0, dim))
@@ -86,7 +88,8 @@ class Router(EditLayer):
         if self.forced is not None:
             self.route = [self.forced] * B
             return None
-        if self.key_pos is None and S == 1 and self._kept is not None and len(self._kept) == B:
+        decoding = S == 1 and self.cache is not None and self.cache.decoding
+        if self.key_pos is None and decoding and self._kept is not None and len(self._kept) == B:
             self.route = self._kept               # an incremental decoding step: routed on the prompt
             return None
         pos = self.key_pos.to(out.device) if self.key_pos is not None else torch.full((B,), S - 1, device=out.device)
