@@ -24,6 +24,11 @@ def test_projector():
     torch.testing.assert_close(P @ P, P)
     assert round(float(torch.trace(P))) == 5
     torch.testing.assert_close(null_space(C, float("inf")), torch.eye(12, dtype=torch.float64))
+    # relative: a share of the largest eigenvalue, so the same for C and any multiple of it
+    rel = float((S[4] + S[5]) / 2 / S.max())
+    torch.testing.assert_close(null_space(C, rel, "relative"), P)
+    torch.testing.assert_close(null_space(100.0 * C, rel, "relative"), P)
+    assert round(float(torch.trace(null_space(100.0 * C, float(S[5]))))) < 5     # absolute: another space
 
 
 def test_projected_closed_form_is_stationary_and_in_range():

@@ -16,7 +16,7 @@ from editing.editors.base import Editor
 from editing.editors.locate.fusion import Fusion, fusion_spec
 from editing.editors.locate.history import EditHistory
 from editing.editors.locate.keys import Part, Position, compute_keys, current_values
-from editing.editors.locate.projection import Projection, null_space
+from editing.editors.locate.projection import Projection, ThresholdRule, null_space
 from editing.editors.locate.spread import Factors, Spread, spread_update
 from editing.editors.locate.statistics import KeyStatistics
 from editing.editors.locate.targets import TargetConfig, Targets, compute_targets
@@ -44,7 +44,8 @@ class LocateEditor(Editor):
             with the largest magnitude). Applied inside the layer loop: later layers see the fused Δ.
         projection: "null_space" replaces the closed form by AlphaEdit's projected one
             (`editing.editors.locate.projection`): eigenvectors of E[kkᵀ] below `nullspace_threshold`,
-            the keys of earlier steps in `projected_keys`, L2 weight `projection_l2`.
+            the keys of earlier steps in `projected_keys`, L2 weight `projection_l2`; `nullspace_rule`
+            "relative" reads the threshold as a share of E[kkᵀ]'s largest eigenvalue.
     """
 
     method = "locate"
@@ -59,10 +60,12 @@ class LocateEditor(Editor):
                  v_autocast: Literal["bfloat16", "float16"] | None = None, fusion: Fusion = "add",
                  drop_rate: float = 0.8, fusion_keep: float = 0.2, fusion_seed: int = 0,
                  projection: Projection = "none", nullspace_threshold: float = 2e-2, projection_l2: float = 10.0,
+                 nullspace_rule: ThresholdRule = "absolute",
                  **kwargs):
         super().__init__(**kwargs)
         fusion_spec(fusion, drop_rate, fusion_keep, fusion_seed)  # validates
         check_choice("projection", projection, Projection)
+        check_choice("nullspace_rule", nullspace_rule, ThresholdRule)
         if not layers:
             raise ValueError("at least one layer must be edited")
         self.layers = sorted({self.layout.layer_index(l) for l in layers})
@@ -250,7 +253,8 @@ class LocateEditor(Editor):
         if self.hparams.projection == "none":
             return None
         if layer not in self._projectors:
-            self._projectors[layer] = null_space(self.covariance(layer), self.hparams.nullspace_threshold)
+            self._projectors[layer] = null_space(self.covariance(layer), self.hparams.nullspace_threshold,
+                                                 self.hparams.nullspace_rule)
         return self._projectors[layer]
 
     def write_layer(self, layer: int, factors: Factors, K: torch.Tensor) -> None:

@@ -2,7 +2,8 @@
 
 P = Û Ûᵀ with Û the eigenvectors of C₀ = E[kkᵀ] (the original model's key second moment) whose
 eigenvalues are below `threshold` (absolute, as the official code; log `rank(P)`: the null space's
-size depends on the model's activation scale). With P the closed form becomes
+size depends on the model's activation scale; `nullspace_rule="relative"` takes the threshold as a
+share of the largest eigenvalue instead). With P the closed form becomes
 
     Δ = R Kᵀ P ((K Kᵀ + C_p) P + α I)⁻¹        (official code: X = solve(P(KKᵀ + C_p) + αI, P K Rᵀ))
 
@@ -17,10 +18,15 @@ from typing import Literal
 import torch
 
 Projection = Literal["none", "null_space"]
+ThresholdRule = Literal["absolute", "relative"]
 
 
-def null_space(C: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P = Û Ûᵀ [d_ff, d_ff] (float64) over the eigenvectors of the symmetric C with eigenvalue < threshold."""
+def null_space(C: torch.Tensor, threshold: float, rule: ThresholdRule = "absolute") -> torch.Tensor:
+    """P = Û Ûᵀ [d_ff, d_ff] (float64) over the eigenvectors of the symmetric C with eigenvalue below
+    `threshold` ("absolute", the official code) or below `threshold` × C's largest eigenvalue
+    ("relative": the same null space for C and sC, so one setting carries across models whose
+    activations differ in scale)."""
     S, U = torch.linalg.eigh(C.double())
-    U_hat = U[:, S < threshold]
+    limit = threshold * float(S.max()) if rule == "relative" else threshold
+    U_hat = U[:, S < limit]
     return U_hat @ U_hat.T
