@@ -86,8 +86,15 @@ def cache_path(digest: str, corpus: str, layer: int, n_samples: int | None, max_
                forward_dtype: str) -> Path:
     """The cache file of one layer's statistics (`forward_dtype` resolved, not "auto")."""
     n = "all" if n_samples is None else str(n_samples)
-    return (cache_dir() / "stats" / digest / corpus_id(corpus)
-            / f"layer{layer}_n{n}_len{max_length}_{forward_dtype}.safetensors")
+    return _cache_file(digest, corpus_id(corpus), layer, n, max_length, forward_dtype)
+
+
+def _cache_file(digest: str, corpus: str, layer: int | str, n: str, max_length: int | str, forward_dtype: str) -> Path:
+    """The cache file named by the key fields as the metadata stores them (corpus: its id)."""
+    for part in (digest, corpus, str(layer), n, str(max_length), forward_dtype):
+        if not part or "/" in part or "\\" in part or part in (".", ".."):
+            raise ValueError(f"not a statistics key field: {part!r}")
+    return cache_dir() / "stats" / digest / corpus / f"layer{layer}_n{n}_len{max_length}_{forward_dtype}.safetensors"
 
 
 def load_cached(path: Path) -> tuple[torch.Tensor, dict] | None:
@@ -272,3 +279,106 @@ def _accumulate(model, lay: Layout, tokenizer, layers: list[int], texts: list[st
         bar.close()
         model.train(was_training)
     return sums, count, len(texts)
+
+
+# --- sharing statistics: python -m editing.stats compute | export | import -----------------------------
+KEY_FIELDS = ("model_digest", "corpus", "layer", "n_samples", "max_length", "forward_dtype")
+
+
+def _config_editor(config: str, overrides: list[str]):
+    from editing.cli import main as cli_main
+    from editing.editors.locate import LocateEditor
+
+    editor = cli_main(["--config", config, *overrides], run=False).model
+    if not isinstance(editor, LocateEditor):
+        raise SystemExit(f"error: {config}: {type(editor).__name__} uses no key statistics")
+    return editor
+
+
+def _filled(editor) -> dict[int, Path]:
+    """Compute (or find cached) the statistics of every layer the editor edits; their cache files."""
+    with editor.disabled():
+        editor._stats.fill(editor.model, editor.tokenizer, editor.layers)
+    st = editor._stats
+    dtype = resolve_forward_dtype(editor.model)
+    digest = fingerprint(editor.model)["digest"]
+    limit = _max_positions(editor.model)
+    length = st.max_length if limit is None else min(st.max_length, limit)
+    return {l: cache_path(digest, st.corpus, l, st.n_samples, length, dtype) for l in editor.layers}
+
+
+def export_statistics(files: dict[int, Path], out: str | Path) -> Path:
+    """One safetensors file holding each layer's moment and its cache key (metadata), atomically."""
+    tensors, meta = {}, {}
+    for l, path in files.items():
+        hit = load_cached(path)
+        if hit is None:
+            raise FileNotFoundError(f"no statistics cached at {path}")
+        tensors[f"layer{l}"] = hit[0]
+        meta[str(l)] = hit[1]
+    out = Path(out)
+    _save_atomic(tensors, {"statistics": json.dumps(meta)}, out)
+    return out
+
+
+def import_statistics(path: str | Path, model_digest: str | None = None) -> list[Path]:
+    """Write an exported file's layers into the cache under their own keys (model digest, corpus,
+    layer, texts, length, dtype), so they are found exactly where that model and setting look and
+    nowhere else. With `model_digest`, refuse a file made for another model."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["statistics"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise SystemExit(f"error: {path}: not an exported statistics file ({e})")
+    written = []
+    for layer, m in meta.items():
+        missing = [k for k in KEY_FIELDS if k not in m]
+        if missing or f"layer{layer}" not in tensors:
+            raise SystemExit(f"error: {path}: layer {layer} lacks {missing or ['its moment']}")
+        if model_digest is not None and m["model_digest"] != model_digest:
+            raise SystemExit(f"error: {path}: statistics of model {m['model_digest']}, not of this model ({model_digest})")
+        moment = tensors[f"layer{layer}"]
+        if moment.dim() != 2 or moment.shape[0] != moment.shape[1] or not torch.isfinite(moment).all():
+            raise SystemExit(f"error: {path}: layer {layer} is not a finite square moment")
+        target = _cache_file(m["model_digest"], m["corpus"], m["layer"], m["n_samples"], m["max_length"],
+                             m["forward_dtype"])
+        _save_atomic({"moment": moment.float().contiguous()}, m, target)
+        written.append(target)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m editing.stats", description="Precompute, export and import "
+                                 "the key statistics E[kkᵀ] of a config (computed once, shared as a file).")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name, text in (("compute", "compute and cache the statistics a config needs"),
+                       ("export", "compute (or find) them and write them into one file")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", required=True)
+        if name == "export":
+            p.add_argument("--out", required=True)
+    p = sub.add_parser("import", help="put an exported file into the cache under its own keys")
+    p.add_argument("file")
+    p.add_argument("--config", help="refuse the file unless it was made for this config's model")
+    args, overrides = ap.parse_known_args(argv)
+    if args.command == "import":
+        digest = None
+        if args.config:
+            digest = fingerprint(_config_editor(args.config, overrides).model)["digest"]
+        for path in import_statistics(args.file, digest):
+            print(f"imported {path}")
+        return
+    files = _filled(_config_editor(args.config, overrides))
+    if args.command == "compute":
+        for l, path in files.items():
+            print(f"layer {l}: {path}")
+    else:
+        print(f"exported layers {sorted(files)} to {export_statistics(files, args.out)}")
+
+
+if __name__ == "__main__":
+    main()

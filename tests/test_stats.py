@@ -3,9 +3,11 @@ layers, cached per model / corpus / layer, bf16 forward close to float32, the mo
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from editing import corpus as corpus_mod
@@ -256,3 +258,36 @@ def test_auto_precision_uses_bf16_only_where_it_is_fast(tiny_dirs, monkeypatch):
         monkeypatch.setattr(precision, "fast_dtype", lambda device, dtype, fast=fast: fast)
         assert precision.usable_autocast("bfloat16", torch.device("cpu")) == (name if fast else None)
     assert precision.usable_autocast(None, torch.device("cpu")) is None
+
+
+def test_statistics_export_and_import_go_under_their_own_keys(tiny_dirs, text_file, tmp_path, monkeypatch):
+    """`python -m editing.stats export` bundles a config's layers; `import` puts them back under their
+    own cache keys, so the editor finds them without a corpus pass, and a file for another model is
+    refused (and, without --config, lands where only that model looks)."""
+    common = ["--config", "configs/memit.yaml", "--model.init_args.base_model", str(tiny_dirs["llama"]),
+              "--model.init_args.layers", "[0, 1]", "--model.init_args.corpus", text_file]
+    bundle = tmp_path / "memit-stats.safetensors"
+    stats.main(["export", "--out", str(bundle), *common])
+    before = {p.relative_to(tmp_path / "cache"): load_cached(p)[0] for p in _files(tmp_path)
+              if p.is_file()}
+    assert len(before) == 2
+    import shutil
+    shutil.rmtree(tmp_path / "cache" / "stats")
+    stats.main(["import", str(bundle), *common])
+    after = {p.relative_to(tmp_path / "cache"): load_cached(p)[0] for p in _files(tmp_path)
+             if p.is_file()}
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    monkeypatch.setattr(stats, "load_corpus", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    stats.main(["compute", *common])                       # a hit: no corpus pass
+    other = ["--config", "configs/memit.yaml", "--model.init_args.base_model", str(tiny_dirs["gpt2"]),
+             "--model.init_args.layers", "[0, 1]", "--model.init_args.corpus", text_file]
+    with pytest.raises(SystemExit, match="not of this model"):
+        stats.main(["import", str(bundle), *other])
+    # a tampered key cannot write outside the cache
+    meta = json.loads(safe_open(str(bundle), framework="pt").metadata()["statistics"])
+    layer = next(iter(meta))
+    meta[layer]["corpus"] = "../../elsewhere"
+    from safetensors.torch import load_file, save_file
+    save_file(load_file(str(bundle)), str(tmp_path / "bad.safetensors"), metadata={"statistics": json.dumps(meta)})
+    with pytest.raises(ValueError, match="not a statistics key"):
+        stats.import_statistics(tmp_path / "bad.safetensors")
