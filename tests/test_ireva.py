@@ -301,3 +301,31 @@ def test_bad_arguments(tiny_gpt2):
         make(tiny_gpt2, activation="nonsense")
     with pytest.raises(ValueError, match="theta"):
         make(tiny_gpt2, theta=1.5)
+
+
+@pytest.mark.parametrize("retrofit", [False, True])
+def test_calibrated_margins_never_fire_on_their_calibration_inputs(tiny_llama, tmp_path, retrofit):
+    corpus = tmp_path / "calib.txt"
+    corpus.write_text("\n".join(["The weather is mild today.", "Numbers like 1984 appear too.",
+                                 "The capital of France is Paris.", "A text about Danielle Darrieux and film."]))
+    plain = make(tiny_llama, alpha=2.0, retrofit=retrofit, theta=0.1)
+    calib = make(tiny_llama, alpha=2.0, retrofit=retrofit, theta=0.1, calibration="corpus",
+                 calibration_corpus=str(corpus), calibration_margin=0.05)
+    for r in REQS[:2]:
+        plain.edit([r])
+        calib.edit([r])
+    X = calib.calibration_states()
+    assert X.shape[0] > 20                                               # every real position of every text
+    kv = calib.kv
+    pre = X @ kv.keys - kv.shifts                                         # [M, n]
+    assert float(pre.max()) <= -0.05 * float((kv.keys * kv.keys).sum(0).min()) + 1e-4   # fires on none
+    if not retrofit:  # (retrofitting the second edit sees the first edit's raised margins)
+        assert torch.equal(kv.keys, plain.kv.keys) and torch.all(kv.shifts >= plain.kv.shifts)
+    assert float((X @ plain.kv.keys - plain.kv.shifts).max()) > 0        # θ 0.1 alone does fire on them
+    # withdrawal and disabling stay exact
+    b = calib.tokenizer(UNRELATED, return_tensors="pt")
+    with torch.no_grad():
+        with calib.disabled():
+            base = calib.model(**b).logits
+        calib.withdraw([r.case_id for r in REQS[:2]])
+        assert torch.equal(calib.model(**b).logits, base)

@@ -47,6 +47,7 @@ from editing.tuners.kv_adaptor import WithdrawMode, standardize
 from editing.validation import check_choice
 
 EvalMode = Literal["pairs", "sequence"]
+Calibration = Literal["none", "corpus"]
 # Activation families whose name the model config gives (layout.activation) -> the ACT2FN name used.
 _ACTIVATION_ALIASES = {"swish": "silu"}
 
@@ -75,6 +76,10 @@ class IReVa(Editor):
         oos_other, oos_bos, oos_subject: out-of-scope inputs per edit for L_irr (App. 10.7).
         oos_max_length: sampled texts get 2..oos_max_length new tokens (uniform, seeded).
         seed: seed of the out-of-scope sampling and of random initialisation.
+        calibration: "none" (the paper: margin b_j = θ‖k̂_j‖²) or "corpus" (a variant, not in the
+            paper, docs/ireva.md): after each step, raise every new neuron's margin to at least the
+            largest k̂_jᵀx̂ over the standardised MLP inputs at every position of `calibration_texts`
+            corpus texts (+ `calibration_margin`·‖k̂_j‖²), so that it fires on none of them.
     """
 
     method = "ireva"
@@ -85,12 +90,15 @@ class IReVa(Editor):
                  rec_weight: float = 1e-3, irr_weight: float = 1e-3, parallel: bool = False,
                  max_pooling: bool = True, margin: bool = True, initialise: bool = True,
                  withdraw_mode: WithdrawMode = "zero", eval_mode: EvalMode = "pairs", oos_other: int = 6,
-                 oos_bos: int = 2, oos_subject: int = 2, oos_max_length: int = 10, seed: int = 0, **kwargs):
+                 oos_bos: int = 2, oos_subject: int = 2, oos_max_length: int = 10, seed: int = 0,
+                 calibration: Calibration = "none", calibration_texts: int = 64, calibration_margin: float = 0.0,
+                 calibration_corpus: str = "wiki-offline", **kwargs):
         super().__init__(**kwargs)
         if len(layers) != 1:
             raise ValueError(f"iReVa adapts exactly one layer; got layers={layers}")
         check_choice("withdraw_mode", withdraw_mode, WithdrawMode)
         check_choice("eval_mode", eval_mode, EvalMode)
+        check_choice("calibration", calibration, Calibration)
         if not 0.0 <= theta < 1.0:
             raise ValueError(f"theta is a cosine threshold in [0, 1), got {theta}")
         if retrofit and steps < 1:
@@ -105,6 +113,7 @@ class IReVa(Editor):
         self.act = ACT2FN[name]
         self.case_ids: list[str] = []     # edit index -> case id
         self._seen: list[EditRequest] = []  # requests edited so far (pool of "other prompts" for L_irr)
+        self._calibration: torch.Tensor | None = None  # standardised calibration inputs [M, d]
         self.inject(self.layer, "mlp", lambda mlp: KeyValueAdaptor(
             mlp, self.layout.hidden_size, self.act, alpha, margin=margin, max_pooling=max_pooling,
             withdraw_mode=withdraw_mode))
@@ -199,8 +208,44 @@ class IReVa(Editor):
                     losses.append(loss)
                 losses = torch.cat(losses)
             info["loss"] = float(losses.mean())
+        if self.hparams.calibration == "corpus":
+            info["calibrated"] = self.calibrate(self.num_neurons - len(pairs))
         self._seen.extend(requests)
         return info
+
+    # --- the calibrated variant (calibration="corpus") ---------------------------------------------
+    @torch.no_grad()
+    def calibration_states(self) -> torch.Tensor:
+        """The standardised MLP inputs [M, d] of the unedited model at every real position of the
+        first `calibration_texts` corpus texts (64 tokens each), computed once."""
+        if self._calibration is None:
+            from editing.corpus import load_corpus
+            h, lay = self.hparams, self.layout
+            texts = load_corpus(h.calibration_corpus, h.calibration_texts)
+            states = []
+            for s in range(0, len(texts), 16):
+                enc = self.tokenizer(texts[s:s + 16], truncation=True, max_length=64, padding=True,
+                                     return_tensors="pt").to(self.device)
+                with self.disabled(), hooks.capture({"x": lay.mlp(self.layer)}, "input") as cap:
+                    hooks.run_until(lay.backbone, lay.mlp(self.layer), input_ids=enc["input_ids"],
+                                    attention_mask=enc["attention_mask"], use_cache=False)
+                states.append(standardize(cap["x"][enc["attention_mask"].bool()]))
+            self._calibration = torch.cat(states)
+        return self._calibration
+
+    @torch.no_grad()
+    def calibrate(self, first: int) -> int:
+        """Raise the margins of neurons `first`.. so that none fires on a calibration input:
+        b_j = max(b_j, max_m k̂_jᵀ x̂_m + calibration_margin·‖k̂_j‖²). Returns how many were raised."""
+        kv = self.kv
+        keys = kv.keys[:, first:]
+        if keys.shape[1] == 0:
+            return 0
+        top = (self.calibration_states().to(keys) @ keys).max(0).values                    # [n_new]
+        floor = top + self.hparams.calibration_margin * (keys * keys).sum(0)
+        raised = floor > kv.shifts[first:]
+        kv.shifts = torch.cat([kv.shifts[:first], torch.maximum(kv.shifts[first:], floor)])
+        return int(raised.sum())
 
     def _retrofit(self, rows, ids, mask, last, h_in, x_hat, labels, k0, v0, b, pair_oos):
         """Train the new neurons of `rows` together (each row sees only its own new neuron and the
