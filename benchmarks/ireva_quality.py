@@ -12,7 +12,11 @@ ParaRel benchmarks (factual = iReVa's PARAREL setting, counterfactual = COUNTERF
         --thetas 0.65 0.75
 
 `--compare-parallel` edits the same requests with the exact sequential retrofitting order and with
-the parallel option (all requests in one step) and reports both rows.
+the parallel option (all requests in one step) and reports both rows. `ireva_l_cal` (or
+`ireva_l_cal@<margin>`) is iReVa+L with calibrated margins (docs/ireva.md):
+
+    python benchmarks/ireva_quality.py --n 20 --kinds factual --methods ireva_l ireva_l_cal ireva_l_cal@0.05 \
+        --out benchmarks/results/ireva_calibrated
 
 Edits are applied one request per step (sequential editing, as in the paper). The CPU is shared, so
 torch runs on `--threads` threads (1 is much faster than 2 on a loaded machine).
@@ -45,6 +49,10 @@ def build(method: str, args) -> object:
         return IReVa(retrofit=False, **common)
     if method == "ireva_l":
         return IReVa(retrofit=True, lr=args.lr, steps=args.steps, **common)
+    if method.startswith("ireva_l_cal"):   # ireva_l_cal or ireva_l_cal@<margin>: calibrated margins
+        margin = float(method.partition("@")[2] or 0.0)
+        return IReVa(retrofit=True, lr=args.lr, steps=args.steps, calibration="corpus",
+                     calibration_margin=margin, **common)
     if method == "ireva_l_par":
         return IReVa(retrofit=True, lr=args.lr, steps=args.steps, parallel=True, **common)
     raise ValueError(method)

@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--stop-after", type=float, default=None, help="stop (resumably) after this many minutes")
     ap.add_argument("--out", default=None, help="default benchmarks/results/lifelong_<protocol>")
+    ap.add_argument("--report-only", action="store_true", help="rebuild <out>.md and .png from <out>.json, run nothing")
     ap.add_argument("--state", default=None, help="edit files, default runs/lifelong_<protocol>")
     args = ap.parse_args()
     for k, v in PROTOCOLS[args.protocol].items():
@@ -97,6 +98,8 @@ def main() -> None:
     settings = {k: getattr(args, k) for k in ("protocol", "n", "batch", "every", "retain", "stats_samples",
                                               "autocast", "drift_texts")}
     report = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    if args.report_only:
+        return write_outputs(report, out)
     if report and report["settings"] != settings:
         raise SystemExit(f"{out}.json was made with other settings {report['settings']}; pass another --out")
     report.setdefault("settings", settings)
@@ -147,7 +150,7 @@ def main() -> None:
 
 def write_outputs(report: dict, out: Path) -> None:
     s = report["settings"]
-    cmd = f"python benchmarks/lifelong.py --protocol {s['protocol']}"
+    cmd = f"python benchmarks/lifelong.py --protocol {s['protocol']} --methods {' '.join(report['curves'])}"
     lines = [f"Lifelong editing, SmolLM2-135M, shipped counterfactual set: {s['n']} edits in steps of {s['batch']}, "
              f"a point every {s['every']} (statistics from {s['stats_samples']} texts, target optimisation "
              f"{s['autocast'] or 'float32'}). Reliability / generality / locality over all edits so far; "
