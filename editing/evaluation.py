@@ -202,6 +202,30 @@ def generation_values(editor, prompts: list, extra_tokens: int = 3, batch_size: 
     return out
 
 
+DRIFT_LENGTH = 64   # tokens per drift text
+
+
+def unedited_perplexity(editor, texts: list[str], max_length: int = DRIFT_LENGTH) -> float:
+    """`perplexity` of the unedited model, cached under $EDITING_CACHE/drift/<base digest>/ by the
+    texts and length (a fixed model on fixed texts gives a fixed number)."""
+    import hashlib
+    from editing.models import cache_dir
+
+    key = hashlib.sha256(json.dumps([max_length, texts]).encode()).hexdigest()[:16]
+    with editor.disabled():   # the base model's identity, whatever the edit writes into the weights
+        digest = editor.base_identity["digest"]
+    path = cache_dir() / "drift" / digest / f"{key}.json"
+    if path.exists():
+        try:
+            return float(json.loads(path.read_text())["perplexity"])
+        except (ValueError, KeyError, TypeError):
+            pass  # an unreadable entry is recomputed
+    with editor.disabled():
+        value = perplexity(editor, texts, max_length, batch_size=max(1, editor.hparams.forward_batch_size // 4))
+    write_json_atomic({"perplexity": value, "texts": len(texts), "max_length": max_length}, path)
+    return value
+
+
 def drift_texts(path: str | None = None, n: int = 64) -> list[str]:
     """The texts general-ability drift is measured on: the first `n` of a file (one text per line, or
     a .jsonl/.json of strings or {"text": ...}), default the offline corpus's held-out texts
@@ -277,16 +301,16 @@ class Evaluation:
         self.cases += case_records(cases, stats, gen)
 
     def drift(self) -> dict:
-        """{"ppl_ratio": edited / unedited perplexity on the drift texts} (1.0 without an edit), or {}."""
+        """{"ppl_ratio": edited / unedited perplexity on the drift texts} (1.0 without an edit), or {}.
+        The unedited perplexity is cached on disk per base model and texts (it never changes)."""
         ed, h = self.editor, self.editor.hparams
         if not h.drift:
             return {}
         texts = drift_texts(h.drift_texts, h.drift_samples)
-        edited = perplexity(ed, texts, batch_size=max(1, h.forward_batch_size // 4))
+        base = unedited_perplexity(ed, texts)
         if not ed.edit_log:
-            return {"ppl_ratio": 1.0, "ppl": edited}
-        with ed.disabled():
-            base = perplexity(ed, texts, batch_size=max(1, h.forward_batch_size // 4))
+            return {"ppl_ratio": 1.0, "ppl": base, "ppl_unedited": base}
+        edited = perplexity(ed, texts, DRIFT_LENGTH, batch_size=max(1, h.forward_batch_size // 4))
         return {"ppl_ratio": edited / base, "ppl": edited, "ppl_unedited": base}
 
     def compute(self) -> dict:

@@ -43,3 +43,16 @@ def test_held_out_texts_are_the_last_of_the_order(tmp_path):
     assert out == texts[-10:] and not set(out) & set(load_corpus(str(path), n=40))
     with pytest.raises(ValueError, match="at most"):
         held_out(str(path), n=50)
+
+
+def test_the_unedited_perplexity_is_cached_per_base_model(tiny_llama, tmp_path, monkeypatch):
+    import editing.evaluation as evaluation
+    from editing.editors import NoEdit
+    monkeypatch.setenv("EDITING_CACHE", str(tmp_path))
+    ed = NoEdit(base_model=tiny_llama)
+    first = evaluation.unedited_perplexity(ed, TEXTS)
+    assert first == pytest.approx(perplexity(ed, TEXTS, evaluation.DRIFT_LENGTH), rel=1e-6)
+    monkeypatch.setattr(evaluation, "perplexity", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    assert evaluation.unedited_perplexity(ed, TEXTS) == first
+    with pytest.raises(AssertionError, match="recomputed"):
+        evaluation.unedited_perplexity(ed, TEXTS[:2])          # other texts: another entry
