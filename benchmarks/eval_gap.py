@@ -8,7 +8,7 @@ evaluated with both kinds of score, portability (two-hop prompts) and general-ab
 The requests: the shipped records with portability prompts first (`--portability` of them), then the
 first others up to --n, so that portability is measured on enough cases. Every number comes from
 the editor's own evaluation (results.json keys); 95 % BCa bootstrap intervals over cases for the
-headline pairs. Writes <out>.json and <out>.md.
+headline pairs. Writes <out>.json after every method (a rerun skips the methods it holds) and <out>.md.
 """
 from __future__ import annotations
 
@@ -66,7 +66,10 @@ def main() -> None:
     ap.add_argument("--base-model", default=None, help="another model (a smoke test)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "eval_gap"))
+    ap.add_argument("--report-only", action="store_true", help="rebuild <out>.md from <out>.json, run nothing")
     args = ap.parse_args()
+    if args.report_only:
+        return write_table(json.loads(Path(args.out).with_suffix(".json").read_text()), Path(args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
     args.autocast = None if args.autocast == "none" else args.autocast
