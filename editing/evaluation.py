@@ -109,7 +109,7 @@ def score_prompts(editor, cases: list[EvalCase], batch_size: int = 64, unedited:
         elif rows:
             with editor.disabled():
                 ref = _forward(editor, [prompts[i] for i in rows], [targets[i] for i in rows], [None] * len(rows))
-            bp[rows] = ref["pred"]
+            bp[rows] = _pad(ref["pred"], T)   # its own longest target may be shorter than the chunk's
         base_pred.append(bp)
     stats = _stats(kinds, groups, edited, base_pred)
     if not unedited:

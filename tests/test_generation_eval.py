@@ -68,3 +68,16 @@ def test_unchanged_continuations_against_the_unedited_model(tiny_llama):
     assert after["unedited_value"][1:].tolist() == [1.0, 1.0]
     assert after["unedited_value"][0] == float(starts_with_answer(unedited_text, "Tamil"))
     assert after["value"][0] == float(starts_with_answer(ed.generate([r.text], max_new_tokens=10)[0], "Tamil"))
+
+
+def test_unchanged_rows_with_shorter_targets_than_their_chunk(tiny_llama):
+    """The locality forward covers only the unchanged kinds; their longest target may be shorter than
+    the chunk's (e.g. a long portability answer), and their predictions are padded to the chunk."""
+    ed = NoEdit(base_model=tiny_llama)
+    r = EditRequest("0", "The capital of {} is", "France", "Tamil Nadu and the Coromandel coast", "Paris",
+                    locality_prompt="Danielle Darrieux speaks", locality_answer="French",
+                    portability_prompts=["The country of citizenship of France belongs to the continent of"],
+                    portability_answers=["South America and the Antarctic"])
+    m = EditMetrics("zsre")
+    m.update(score_prompts(ed, [EvalCase.from_request(r, 0)]))
+    assert m.compute()["locality_unchanged"] == 100.0
