@@ -75,7 +75,7 @@ def test_unchanged_rows_with_shorter_targets_than_their_chunk(tiny_llama):
     the chunk's (e.g. a long portability answer), and their predictions are padded to the chunk."""
     ed = NoEdit(base_model=tiny_llama)
     r = EditRequest("0", "The capital of {} is", "France", "Tamil Nadu and the Coromandel coast", "Paris",
-                    locality_prompt="Danielle Darrieux speaks", locality_answer="French",
+                    locality_prompt="Danielle Darrieux speaks", locality_answer="French and German",
                     portability_prompts=["The country of citizenship of France belongs to the continent of"],
                     portability_answers=["South America and the Antarctic"])
     m = EditMetrics("zsre")
