@@ -322,6 +322,8 @@ def test_calibrated_margins_never_fire_on_their_calibration_inputs(tiny_llama, t
     if not retrofit:  # (retrofitting the second edit sees the first edit's raised margins)
         assert torch.equal(kv.keys, plain.kv.keys) and torch.all(kv.shifts >= plain.kv.shifts)
     assert float((X @ plain.kv.keys - plain.kv.shifts).max()) > 0        # θ 0.1 alone does fire on them
+    assert torch.equal(kv.output(X), torch.zeros_like(X))                # gated: nothing added on any of them
+    assert plain.kv.output(X).abs().max() > 0
     # withdrawal and disabling stay exact
     b = calib.tokenizer(UNRELATED, return_tensors="pt")
     with torch.no_grad():

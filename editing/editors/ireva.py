@@ -79,7 +79,9 @@ class IReVa(Editor):
         calibration: "none" (the paper: margin b_j = θ‖k̂_j‖²) or "corpus" (a variant, not in the
             paper, docs/ireva.md): after each step, raise every new neuron's margin to at least the
             largest k̂_jᵀx̂ over the standardised MLP inputs at every position of `calibration_texts`
-            corpus texts (+ `calibration_margin`·‖k̂_j‖²), so that it fires on none of them.
+            corpus texts (+ `calibration_margin`·‖k̂_j‖²), and gate the activation (a neuron whose
+            shifted activation is not positive adds nothing: SiLU/GELU are not zero below 0), so
+            that no neuron adds anything on any of them.
     """
 
     method = "ireva"
@@ -116,7 +118,7 @@ class IReVa(Editor):
         self._calibration: torch.Tensor | None = None  # standardised calibration inputs [M, d]
         self.inject(self.layer, "mlp", lambda mlp: KeyValueAdaptor(
             mlp, self.layout.hidden_size, self.act, alpha, margin=margin, max_pooling=max_pooling,
-            withdraw_mode=withdraw_mode))
+            withdraw_mode=withdraw_mode, gate=calibration != "none"))
 
     # --- the adaptor (an injected `KeyValueAdaptor`) -----------------------------------------------
     @property

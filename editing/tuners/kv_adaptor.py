@@ -42,9 +42,13 @@ class Acting:
 
 class KeyValueAdaptor(EditLayer):
     def __init__(self, base_layer: nn.Module, hidden_size: int, act: Callable, alpha: float,
-                 margin: bool = True, max_pooling: bool = True, withdraw_mode: WithdrawMode = "zero"):
+                 margin: bool = True, max_pooling: bool = True, withdraw_mode: WithdrawMode = "zero",
+                 gate: bool = False):
         super().__init__(base_layer)
         self.act, self.alpha, self.margin, self.max_pooling = act, alpha, margin, max_pooling
+        # gate: a neuron whose shifted activation K̂ᵀx̂ − b is not positive contributes nothing (SiLU and
+        # GELU are not zero below 0, so without the gate every neuron always adds a little)
+        self.gate = gate
         self.withdraw_mode = withdraw_mode
         self.register_buffer("keys", torch.zeros(hidden_size, 0))              # K̂ [d, n]
         self.register_buffer("values", torch.zeros(0, hidden_size))            # V̂ [n, d]
@@ -107,7 +111,10 @@ class KeyValueAdaptor(EditLayer):
         out = torch.zeros_like(x_hat)
         pooled = self.max_pooling and train is None
         if self.num_neurons:
-            act = self.act(x_hat @ self.keys - (self.shifts if self.margin else 0.0))     # [N, n]
+            pre = x_hat @ self.keys - (self.shifts if self.margin else 0.0)               # [N, n]
+            act = self.act(pre)
+            if self.gate:
+                act = act.masked_fill(pre <= 0, 0.0)
             hit = None
             if withdraw is not None:
                 hit = self.neuron_edit[None, :] == withdraw[:, None]                       # [N, n]
@@ -125,7 +132,10 @@ class KeyValueAdaptor(EditLayer):
                 out = act @ self.values
         if train is not None:
             k, v, b = train
-            a = self.act((x_hat * k).sum(-1) - (b if self.margin else 0.0))
+            pre = (x_hat * k).sum(-1) - (b if self.margin else 0.0)
+            a = self.act(pre)
+            if self.gate:
+                a = a.masked_fill(pre <= 0, 0.0)
             out = out + a[:, None] * v
         return self.alpha * out
 
