@@ -1,9 +1,9 @@
-"""LightningCLI wiring: `python cli.py fit|test|predict|export --config configs/<method>.yaml [--section.option value]`
+"""LightningCLI wiring: `python cli.py fit|test|predict|export|stats --config configs/<method>.yaml [--section.option value]`
 (installed: the `editing` command, with the configs shipped in the package: `--config memit`).
 
 Subcommands: `fit` edits (writes <run dir>/checkpoints/edit.safetensors), `test` evaluates, `predict`
 prints the edited and unedited continuations of prompts (predictions.jsonl), `export` writes a plain
-Hugging Face model directory. `--ckpt_path` is always a safe edit file (`editing.edit_file`): it is
+Hugging Face model directory, `stats` computes, exports or imports a config's key statistics. `--ckpt_path` is always a safe edit file (`editing.edit_file`): it is
 read without unpickling, refused when its method is not the config's or its base model is not the
 config's (the config is what runs; the checkpoint's hyperparameters never replace it), and loaded
 into the editor before the subcommand runs.
@@ -16,6 +16,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar
@@ -94,13 +95,42 @@ class EditTrainer(pl.Trainer):
                 print(f"pushed: {push(path, push_to_hub)}")
 
 
+    def stats(self, model: Editor, action: Literal["compute", "export", "import"] = "compute",
+              file: str | None = None, datamodule=None) -> None:
+        """The key statistics E[kkᵀ] of the config's closed-form editor, computed once and shared.
+
+        Args:
+            action: "compute" (compute and cache what is missing, print the files), "export" (that,
+                then write every edited layer into `file`), "import" (put `file` into the cache under
+                its own keys; refused when it was made for another model than the config's).
+            file: the statistics file to write or read.
+        """
+        from editing.stats import export_statistics, import_statistics
+        if not hasattr(model, "statistics_files"):
+            raise SystemExit(f"error: {type(model).__name__} uses no key statistics")
+        if action in ("export", "import") and not file:
+            raise SystemExit(f"error: stats --action {action} needs --file")
+        if action == "import":
+            with model.disabled():
+                digest = model.base_identity["digest"]
+            for path in import_statistics(file, digest):
+                print(f"imported {path}")
+            return
+        files = model.statistics_files()
+        if action == "compute":
+            for layer, path in files.items():
+                print(f"layer {layer}: {path}")
+        else:
+            print(f"exported layers {sorted(files)} to {export_statistics(files, file)}")
+
+
 class EditingCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         # `verbose` of trainer.test/validate is this CLI's own --verbose (below), for every subcommand.
         subs = {k: set(v) | ({"verbose"} if k in ("test", "validate") else set())
                 for k, v in LightningCLI.subcommands().items()}
-        return {**subs, "export": {"model", "datamodule"}}
+        return {**subs, "export": {"model", "datamodule"}, "stats": {"model", "datamodule"}}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False,

@@ -281,30 +281,8 @@ def _accumulate(model, lay: Layout, tokenizer, layers: list[int], texts: list[st
     return sums, count, len(texts)
 
 
-# --- sharing statistics: python -m editing.stats compute | export | import -----------------------------
+# --- sharing statistics (`python cli.py stats --config C --action compute|export|import`) --------------
 KEY_FIELDS = ("model_digest", "corpus", "layer", "n_samples", "max_length", "forward_dtype")
-
-
-def _config_editor(config: str, overrides: list[str]):
-    from editing.cli import main as cli_main
-    from editing.editors.locate import LocateEditor
-
-    editor = cli_main(["--config", config, *overrides], run=False).model
-    if not isinstance(editor, LocateEditor):
-        raise SystemExit(f"error: {config}: {type(editor).__name__} uses no key statistics")
-    return editor
-
-
-def _filled(editor) -> dict[int, Path]:
-    """Compute (or find cached) the statistics of every layer the editor edits; their cache files."""
-    with editor.disabled():
-        editor._stats.fill(editor.model, editor.tokenizer, editor.layers)
-    st = editor._stats
-    dtype = resolve_forward_dtype(editor.model)
-    digest = fingerprint(editor.model)["digest"]
-    limit = _max_positions(editor.model)
-    length = st.max_length if limit is None else min(st.max_length, limit)
-    return {l: cache_path(digest, st.corpus, l, st.n_samples, length, dtype) for l in editor.layers}
 
 
 def export_statistics(files: dict[int, Path], out: str | Path) -> Path:
@@ -347,38 +325,3 @@ def import_statistics(path: str | Path, model_digest: str | None = None) -> list
         _save_atomic({"moment": moment.float().contiguous()}, m, target)
         written.append(target)
     return written
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m editing.stats", description="Precompute, export and import "
-                                 "the key statistics E[kkᵀ] of a config (computed once, shared as a file).")
-    sub = ap.add_subparsers(dest="command", required=True)
-    for name, text in (("compute", "compute and cache the statistics a config needs"),
-                       ("export", "compute (or find) them and write them into one file")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--config", required=True)
-        if name == "export":
-            p.add_argument("--out", required=True)
-    p = sub.add_parser("import", help="put an exported file into the cache under its own keys")
-    p.add_argument("file")
-    p.add_argument("--config", help="refuse the file unless it was made for this config's model")
-    args, overrides = ap.parse_known_args(argv)
-    if args.command == "import":
-        digest = None
-        if args.config:
-            digest = fingerprint(_config_editor(args.config, overrides).model)["digest"]
-        for path in import_statistics(args.file, digest):
-            print(f"imported {path}")
-        return
-    files = _filled(_config_editor(args.config, overrides))
-    if args.command == "compute":
-        for l, path in files.items():
-            print(f"layer {l}: {path}")
-    else:
-        print(f"exported layers {sorted(files)} to {export_statistics(files, args.out)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -261,29 +261,29 @@ def test_auto_precision_uses_bf16_only_where_it_is_fast(tiny_dirs, monkeypatch):
 
 
 def test_statistics_export_and_import_go_under_their_own_keys(tiny_dirs, text_file, tmp_path, monkeypatch):
-    """`python -m editing.stats export` bundles a config's layers; `import` puts them back under their
-    own cache keys, so the editor finds them without a corpus pass, and a file for another model is
-    refused (and, without --config, lands where only that model looks)."""
-    common = ["--config", "configs/memit.yaml", "--model.init_args.base_model", str(tiny_dirs["llama"]),
-              "--model.init_args.layers", "[0, 1]", "--model.init_args.corpus", text_file]
+    """`cli.py stats --action export` bundles a config's layers; `--action import` puts them back under
+    their own cache keys, so the editor finds them without a corpus pass; a file for another model is
+    refused, and a tampered key cannot write outside the cache."""
+    from editing.cli import main as cli
+
+    def stats_cli(model, *extra):
+        return cli(["stats", "--config", "configs/memit.yaml", "--model.init_args.base_model", str(model),
+                    "--model.init_args.layers", "[0, 1]", "--model.init_args.corpus", text_file, *extra])
+
     bundle = tmp_path / "memit-stats.safetensors"
-    stats.main(["export", "--out", str(bundle), *common])
-    before = {p.relative_to(tmp_path / "cache"): load_cached(p)[0] for p in _files(tmp_path)
-              if p.is_file()}
+    stats_cli(tiny_dirs["llama"], "--action", "export", "--file", str(bundle))
+    cached = lambda: {p.relative_to(tmp_path / "cache"): load_cached(p)[0] for p in _files(tmp_path) if p.is_file()}
+    before = cached()
     assert len(before) == 2
     import shutil
     shutil.rmtree(tmp_path / "cache" / "stats")
-    stats.main(["import", str(bundle), *common])
-    after = {p.relative_to(tmp_path / "cache"): load_cached(p)[0] for p in _files(tmp_path)
-             if p.is_file()}
+    stats_cli(tiny_dirs["llama"], "--action", "import", "--file", str(bundle))
+    after = cached()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     monkeypatch.setattr(stats, "load_corpus", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
-    stats.main(["compute", *common])                       # a hit: no corpus pass
-    other = ["--config", "configs/memit.yaml", "--model.init_args.base_model", str(tiny_dirs["gpt2"]),
-             "--model.init_args.layers", "[0, 1]", "--model.init_args.corpus", text_file]
+    stats_cli(tiny_dirs["llama"])                           # compute: a hit, no corpus pass
     with pytest.raises(SystemExit, match="not of this model"):
-        stats.main(["import", str(bundle), *other])
-    # a tampered key cannot write outside the cache
+        stats_cli(tiny_dirs["gpt2"], "--action", "import", "--file", str(bundle))
     meta = json.loads(safe_open(str(bundle), framework="pt").metadata()["statistics"])
     layer = next(iter(meta))
     meta[layer]["corpus"] = "../../elsewhere"

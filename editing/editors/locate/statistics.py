@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from editing.stats import second_moments
+from pathlib import Path
+
+from editing.models import fingerprint
+from editing.stats import _max_positions, cache_path, resolve_forward_dtype, second_moments
 
 
 class KeyStatistics(dict):
@@ -20,6 +23,14 @@ class KeyStatistics(dict):
         if missing:
             self.update(second_moments(model, tokenizer, missing, corpus=self.corpus, n_samples=self.n_samples,
                                        max_length=self.max_length))
+
+    def files(self, model, tokenizer, layers: list[int]) -> dict[int, Path]:
+        """Fill `layers` (computing what is not cached) and return each layer's cache file."""
+        self.fill(model, tokenizer, layers)
+        limit = _max_positions(model)
+        length = self.max_length if limit is None else min(self.max_length, limit)
+        digest, dtype = fingerprint(model)["digest"], resolve_forward_dtype(model)
+        return {l: cache_path(digest, self.corpus, l, self.n_samples, length, dtype) for l in layers}
 
     def at(self, layer: int, device) -> torch.Tensor:
         return self[layer].to(device)
