@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-import unicodedata
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,9 @@ from editing.io import write_json_atomic, write_text_atomic
 from editing.definitions import GEN_HEADLINE_KEYS, HEADLINE_KEYS
 from editing.metrics import EditMetrics, PromptStats, prompt_values
 from editing.tokens import encode
+from editing.drift import DRIFT_LENGTH, drift_texts, perplexity, unedited_perplexity  # noqa: F401
+from editing.generation import (HIT_KINDS, generate, generate_ids, generation_values,  # noqa: F401
+                                normalize_answer, starts_with_answer)
 
 UNCHANGED_KINDS = ("neighborhood", "locality")
 
@@ -115,153 +117,6 @@ def score_prompts(editor, cases: list[EvalCase], batch_size: int = 64, unedited:
     if not unedited:
         return stats
     return stats, _stats(kinds, groups, base, base_pred)
-
-
-@torch.no_grad()
-def generate_ids(editor, prompts: list[str], max_new_tokens: int = 30, **kwargs) -> list[list[int]]:
-    """The new token ids of each prompt's greedy continuation by the edited model (left-padded, one
-    batched, KV-cached `generate`), cut after the first end-of-sequence token."""
-    tok = editor.tokenizer
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok([editor.prepare_prompt(p) for p in prompts], return_tensors="pt", padding=True).to(editor.device)
-    finally:
-        tok.padding_side = side
-    kwargs.setdefault("do_sample", False)
-    out = editor.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs)
-    eos = editor.model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    rows = []
-    for row in out[:, enc["input_ids"].shape[1]:].tolist():
-        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-        rows.append(row[:cut])
-    return rows
-
-
-def generate(editor, prompts: list[str], max_new_tokens: int = 30, **kwargs) -> list[str]:
-    """Greedy continuations of the prompts by the edited model (left-padded, one batch)."""
-    ids = generate_ids(editor, prompts, max_new_tokens, **kwargs)
-    return editor.tokenizer.batch_decode(ids, skip_special_tokens=True)
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, punctuation (any Unicode P* character) as spaces, whitespace collapsed."""
-    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text.lower())
-    return " ".join(text.split())
-
-
-def starts_with_answer(continuation: str, target: str) -> bool:
-    """Whether the normalised continuation is the normalised target or starts with it as whole words
-    ("Paris, the capital" counts for "Paris"; "Parisian" does not)."""
-    c, t = normalize_answer(continuation), normalize_answer(target)
-    return bool(t) and (c == t or c.startswith(t + " "))
-
-
-HIT_KINDS = ("rewrite", "paraphrase", "portability")   # generation: does the continuation give the target?
-
-
-@torch.no_grad()
-def generation_values(editor, prompts: list, extra_tokens: int = 3, batch_size: int = 64,
-                      unedited: bool = False) -> dict:
-    """Generation-based scores of EvalPrompts (no teacher forcing): each prompt's greedy continuation
-    of (its target's token count + `extra_tokens`) tokens. "value" [N]: for rewrite, paraphrase and
-    portability prompts 1 if it starts with the target (`starts_with_answer`), for neighbourhood and locality
-    prompts 1 if it is token for token the unedited model's; "text": the continuations. With
-    `unedited`, "unedited_value" [N]: the same scores of the unedited model (1 on the unchanged kinds)."""
-    tok = editor.tokenizer
-    out = {"value": [], "text": [], "unedited_value": []}
-    no_edit = not editor.edit_log
-    for s in range(0, len(prompts), max(1, batch_size)):
-        part = prompts[s:s + batch_size]
-        texts = [p.prompt for p in part]
-        lengths = encode(tok, [editor.prepare_prompt(t) for t in texts], [p.target for p in part]).target_mask.sum(1)
-        budget = [int(n) + extra_tokens for n in lengths]
-        ids = [row[:b] for row, b in zip(generate_ids(editor, texts, max(budget)), budget)]
-        need = [i for i, p in enumerate(part) if unedited or p.kind in UNCHANGED_KINDS]
-        base = {}
-        if need and no_edit:
-            base = {i: ids[i] for i in need}
-        elif need:
-            with editor.disabled():
-                got = generate_ids(editor, [texts[i] for i in need], max(budget[i] for i in need))
-            base = {i: row[:budget[i]] for i, row in zip(need, got)}
-        decoded = tok.batch_decode(ids, skip_special_tokens=True)
-        for i, p in enumerate(part):
-            if p.kind in HIT_KINDS:
-                out["value"].append(float(starts_with_answer(decoded[i], p.target)))
-                if unedited:
-                    out["unedited_value"].append(float(starts_with_answer(
-                        tok.decode(base[i], skip_special_tokens=True), p.target)))
-            else:
-                out["value"].append(float(ids[i] == base[i]))
-                out["unedited_value"].append(1.0)
-        out["text"] += decoded
-    out["value"] = torch.tensor(out["value"], dtype=torch.float64)
-    out["unedited_value"] = torch.tensor(out["unedited_value"], dtype=torch.float64) if unedited else None
-    return out
-
-
-DRIFT_LENGTH = 64   # tokens per drift text
-
-
-def unedited_perplexity(editor, texts: list[str], max_length: int = DRIFT_LENGTH) -> float:
-    """`perplexity` of the unedited model, cached under $EDITING_CACHE/drift/<base digest>/ by the
-    texts and length (a fixed model on fixed texts gives a fixed number)."""
-    import hashlib
-    from editing.models import cache_dir
-
-    key = hashlib.sha256(json.dumps([max_length, texts]).encode()).hexdigest()[:16]
-    with editor.disabled():   # the base model's identity, whatever the edit writes into the weights
-        digest = editor.base_identity["digest"]
-    path = cache_dir() / "drift" / digest / f"{key}.json"
-    if path.exists():
-        try:
-            return float(json.loads(path.read_text())["perplexity"])
-        except (ValueError, KeyError, TypeError):
-            pass  # an unreadable entry is recomputed
-    with editor.disabled():
-        value = perplexity(editor, texts, max_length, batch_size=max(1, editor.hparams.forward_batch_size // 4))
-    write_json_atomic({"perplexity": value, "texts": len(texts), "max_length": max_length}, path)
-    return value
-
-
-def drift_texts(path: str | None = None, n: int = 64) -> list[str]:
-    """The texts general-ability drift is measured on: the first `n` of a file (one text per line, or
-    a .jsonl/.json of strings or {"text": ...}), default the offline corpus's held-out texts
-    (`editing.corpus.held_out`, never used for statistics)."""
-    from editing.corpus import held_out, read_texts
-    if path is None:
-        return held_out(n=n)
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"drift texts: no file {path}")
-    texts = read_texts(Path(path))[:n]
-    if not texts:
-        raise ValueError(f"drift texts: {path} holds no text")
-    return texts
-
-
-@torch.no_grad()
-def perplexity(editor, texts: list[str], max_length: int = 128, batch_size: int = 16) -> float:
-    """exp(mean next-token NLL) of the edited model over `texts` (each truncated to `max_length`
-    tokens; the LM head through `editor.logits_at`, so the edit acts as when scoring)."""
-    tok = editor.tokenizer
-    enc = [tok(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
-    side, tok.padding_side = tok.padding_side, "right"
-    nll, count = 0.0, 0
-    try:
-        for s in range(0, len(order), batch_size):
-            batch = tok.pad({"input_ids": [enc[i] for i in order[s:s + batch_size]]}, return_tensors="pt").to(editor.device)
-            ids, mask = batch["input_ids"], batch["attention_mask"]
-            positions = torch.arange(ids.shape[1] - 1, device=ids.device).expand(ids.shape[0], -1)
-            logp = F.log_softmax(editor.logits_at(ids, mask, positions).float(), -1)
-            m = mask[:, 1:].bool()
-            nll -= float(logp.gather(-1, ids[:, 1:, None]).squeeze(-1)[m].sum())
-            count += int(m.sum())
-    finally:
-        tok.padding_side = side
-    return float(torch.tensor(nll / max(count, 1)).exp())
 
 
 class Evaluation:

@@ -344,3 +344,14 @@ class EditMetrics(nn.Module):
         for metric in self.metrics.values():
             metric.reset()
         self.headline_sources = {}
+
+
+def ireva_scores(values: dict) -> dict:
+    """The paper's ES / PS / NS (teacher-forced token accuracies on the edit prompts, paraphrases and
+    the locality prompts' own answers) and their harmonic (v2) and arithmetic (draft, code) means."""
+    keys = {"ES": "rewrite_acc", "PS": "paraphrase_acc", "NS": "locality_acc"}
+    out = {k: values[v] for k, v in keys.items() if v in values}
+    if len(out) == 3:
+        out["score_harmonic"] = harmonic_mean(out.values())
+        out["score_mean"] = arithmetic_mean([out["ES"], out["PS"], out["NS"]])
+    return out

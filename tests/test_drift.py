@@ -46,7 +46,7 @@ def test_held_out_texts_are_the_last_of_the_order(tmp_path):
 
 
 def test_the_unedited_perplexity_is_cached_per_base_model(tiny_llama, tmp_path, monkeypatch):
-    import editing.evaluation as evaluation
+    import editing.drift as evaluation
     from editing.editors import NoEdit
     monkeypatch.setenv("EDITING_CACHE", str(tmp_path))
     ed = NoEdit(base_model=tiny_llama)

@@ -9,6 +9,7 @@ from editing import hooks
 from editing.data import EditRequest
 from editing.editors import EditError, IReVa
 from editing.editors.ireva import standardize
+from editing.editors.ireva_calibration import calibration_states
 from editing.metrics import EditMetrics
 
 REQS = [
@@ -314,7 +315,7 @@ def test_calibrated_margins_never_fire_on_their_calibration_inputs(tiny_llama, t
     for r in REQS[:2]:
         plain.edit([r])
         calib.edit([r])
-    X = calib.calibration_states()
+    X = calibration_states(calib)
     assert X.shape[0] > 20                                               # every real position of every text
     kv = calib.kv
     pre = X @ kv.keys - kv.shifts                                         # [M, n]

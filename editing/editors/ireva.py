@@ -40,7 +40,8 @@ from editing.data.batch import EditBatch
 from editing.data.records import EditRequest, EvalCase
 from editing.data.samples import TokenPair, out_of_scope_samples, per_token_pairs
 from editing.editors.base import Editor
-from editing.metrics import EditMetrics, arithmetic_mean, harmonic_mean
+from editing.editors.ireva_calibration import calibrate
+from editing.metrics import EditMetrics, ireva_scores  # noqa: F401  (ireva_scores: also imported from here)
 from editing.tokens import encode, pad_right
 from editing.tuners import KeyValueAdaptor
 from editing.tuners.kv_adaptor import WithdrawMode, standardize
@@ -76,12 +77,9 @@ class IReVa(Editor):
         oos_other, oos_bos, oos_subject: out-of-scope inputs per edit for L_irr (App. 10.7).
         oos_max_length: sampled texts get 2..oos_max_length new tokens (uniform, seeded).
         seed: seed of the out-of-scope sampling and of random initialisation.
-        calibration: "none" (the paper: margin b_j = θ‖k̂_j‖²) or "corpus" (a variant, not in the
-            paper, docs/ireva.md): after each step, raise every new neuron's margin to at least the
-            largest k̂_jᵀx̂ over the standardised MLP inputs at every position of `calibration_texts`
-            corpus texts (+ `calibration_margin`·‖k̂_j‖²), and gate the activation (a neuron whose
-            shifted activation is not positive adds nothing: SiLU/GELU are not zero below 0), so
-            that no neuron adds anything on any of them.
+        calibration: "none" (the paper) or "corpus": the calibrated-margin variant of
+            `editing.editors.ireva_calibration` (`calibration_texts`, `calibration_margin`,
+            `calibration_corpus`; docs/ireva.md).
     """
 
     method = "ireva"
@@ -115,7 +113,7 @@ class IReVa(Editor):
         self.act = ACT2FN[name]
         self.case_ids: list[str] = []     # edit index -> case id
         self._seen: list[EditRequest] = []  # requests edited so far (pool of "other prompts" for L_irr)
-        self._calibration: torch.Tensor | None = None  # standardised calibration inputs [M, d]
+        self._calibration: torch.Tensor | None = None  # calibration inputs (ireva_calibration)
         self.inject(self.layer, "mlp", lambda mlp: KeyValueAdaptor(
             mlp, self.layout.hidden_size, self.act, alpha, margin=margin, max_pooling=max_pooling,
             withdraw_mode=withdraw_mode, gate=calibration != "none"))
@@ -211,43 +209,9 @@ class IReVa(Editor):
                 losses = torch.cat(losses)
             info["loss"] = float(losses.mean())
         if self.hparams.calibration == "corpus":
-            info["calibrated"] = self.calibrate(self.num_neurons - len(pairs))
+            info["calibrated"] = calibrate(self, self.num_neurons - len(pairs))
         self._seen.extend(requests)
         return info
-
-    # --- the calibrated variant (calibration="corpus") ---------------------------------------------
-    @torch.no_grad()
-    def calibration_states(self) -> torch.Tensor:
-        """The standardised MLP inputs [M, d] of the unedited model at every real position of the
-        first `calibration_texts` corpus texts (64 tokens each), computed once."""
-        if self._calibration is None:
-            from editing.corpus import load_corpus
-            h, lay = self.hparams, self.layout
-            texts = load_corpus(h.calibration_corpus, h.calibration_texts)
-            states = []
-            for s in range(0, len(texts), 16):
-                enc = self.tokenizer(texts[s:s + 16], truncation=True, max_length=64, padding=True,
-                                     return_tensors="pt").to(self.device)
-                with self.disabled(), hooks.capture({"x": lay.mlp(self.layer)}, "input") as cap:
-                    hooks.run_until(lay.backbone, lay.mlp(self.layer), input_ids=enc["input_ids"],
-                                    attention_mask=enc["attention_mask"], use_cache=False)
-                states.append(standardize(cap["x"][enc["attention_mask"].bool()]))
-            self._calibration = torch.cat(states)
-        return self._calibration
-
-    @torch.no_grad()
-    def calibrate(self, first: int) -> int:
-        """Raise the margins of neurons `first`.. so that none fires on a calibration input:
-        b_j = max(b_j, max_m k̂_jᵀ x̂_m + calibration_margin·‖k̂_j‖²). Returns how many were raised."""
-        kv = self.kv
-        keys = kv.keys[:, first:]
-        if keys.shape[1] == 0:
-            return 0
-        top = (self.calibration_states().to(keys) @ keys).max(0).values                    # [n_new]
-        floor = top + self.hparams.calibration_margin * (keys * keys).sum(0)
-        raised = floor > kv.shifts[first:]
-        kv.shifts = torch.cat([kv.shifts[:first], torch.maximum(kv.shifts[first:], floor)])
-        return int(raised.sum())
 
     def _retrofit(self, rows, ids, mask, last, h_in, x_hat, labels, k0, v0, b, pair_oos):
         """Train the new neurons of `rows` together (each row sees only its own new neuron and the
@@ -434,14 +398,3 @@ class IReVa(Editor):
 
     def report_extras(self, values: dict) -> dict:
         return {"ireva": {**ireva_scores(values), "neurons": self.num_neurons, "layer": self.layer}}
-
-
-def ireva_scores(values: dict) -> dict:
-    """The paper's ES / PS / NS (teacher-forced token accuracies on the edit prompts, paraphrases and
-    the locality prompts' own answers) and their harmonic (v2) and arithmetic (draft, code) means."""
-    keys = {"ES": "rewrite_acc", "PS": "paraphrase_acc", "NS": "locality_acc"}
-    out = {k: values[v] for k, v in keys.items() if v in values}
-    if len(out) == 3:
-        out["score_harmonic"] = harmonic_mean(out.values())
-        out["score_mean"] = arithmetic_mean([out["ES"], out["PS"], out["NS"]])
-    return out
