@@ -178,7 +178,7 @@ def test_headline_without_data_is_absent():
 def test_bad_input_is_rejected():
     m = EditMetrics("counterfact")
     with pytest.raises(ValueError, match="unknown prompt kind"):
-        m.update(stats(**{**BATCH, "kinds": ["rewrite"] * 6 + ["portability"]}))
+        m.update(stats(**{**BATCH, "kinds": ["rewrite"] * 6 + ["mquake"]}))
     bad = stats(**BATCH)
     bad.groups = torch.tensor([0, 0])
     with pytest.raises(ValueError, match="groups"):
