@@ -90,13 +90,16 @@ def load_results(paths: str | Path | Iterable[str | Path]) -> list[dict]:
     return out
 
 
-def _number(v) -> str:
-    """A number with 1 decimal; None, NaN and infinities are missing."""
+RATIOS = frozenset({"ppl_ratio"})  # ratios near 1: three decimals
+
+
+def _number(v, key: str | None = None) -> str:
+    """A number with 1 decimal (3 for a ratio key); None, NaN and infinities are missing."""
     if v is None:
         return MISSING
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return _cell(v)
-    return f"{v:.1f}" if math.isfinite(v) else MISSING
+    return (f"{v:.3f}" if key in RATIOS else f"{v:.1f}") if math.isfinite(v) else MISSING
 
 
 def _cell(v) -> str:
@@ -191,7 +194,7 @@ def side_by_side(edited: dict, unedited: dict | None = None, style: str = "count
     `print(side_by_side(editor.evaluate(cases), unedited_metrics))`."""
     defs, short = definitions or {}, SHORT.get(style, {})
     keys = keys if keys is not None else [k for k in SUMMARY_KEYS if k in edited]
-    rows = [[k, _number(edited.get(k)), _number(unedited.get(k)) if unedited else MISSING,
+    rows = [[k, _number(edited.get(k), k), _number(unedited.get(k), k) if unedited else MISSING,
              (defs.get(k) or DEFINITIONS.get(k, "")) if verbose else short.get(k) or DEFINITIONS.get(k, "")]
             for k in keys]
     header = ["metric", "edited", "unedited", "what it measures (% of cases)"]
@@ -235,7 +238,7 @@ def markdown_table(results: Sequence[dict], columns: Sequence[str] | None = None
         timing = r.get("timing") or {}
         metrics = r.get("metrics") or {}
         row = [_cell(name)] + [_cell(r.get(k)) for k in FIXED[1:]]
-        row += [_number(metrics.get(c)) for c in columns]
+        row += [_number(metrics.get(c), c) for c in columns]
         row += [_number(timing.get(key)) for _, key in TIMING]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

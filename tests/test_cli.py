@@ -139,7 +139,8 @@ def test_console_output_is_a_compact_table_without_noise(tiny_dirs, tmp_path):
     cases = [json.loads(l) for l in cases_file.read_text().splitlines()]
     assert [c["case"] for c in cases] == [0, 1, 2, 3] and all("generated" in p for p in cases[0]["prompts"])
     for key, (edited, unedited, meaning) in rows.items():
-        assert edited == f"{res['metrics'][key]:.1f}" and unedited == f"{res['unedited'][key]:.1f}" and meaning
+        fmt = ".3f" if key == "ppl_ratio" else ".1f"   # a ratio near 1 gets three decimals
+        assert edited == f"{res['metrics'][key]:{fmt}}" and unedited == f"{res['unedited'][key]:{fmt}}" and meaning
     assert rows["reliability"][2] == "teacher-forced: new target outscores the true one on edit prompts"
     assert max(len(l) for l in table) <= 110  # fits a terminal
     for noise in ("Test metric", "DataLoader 0", "litlogger", "eval mode", "LeafSpec", "GPU available",
