@@ -130,6 +130,7 @@ class Evaluation:
         self.metrics = EditMetrics(style).to(editor.device)
         self.unedited = EditMetrics(style).to(editor.device) if unedited else None
         self.cases: list[dict] = []   # this rank's per-case records
+        self.perplexity: dict | None = None   # the drift's perplexities, after compute()
         self.started = time.perf_counter()
 
     def update(self, cases: list[EvalCase]) -> None:
@@ -306,7 +307,7 @@ def report(editor, values: dict, eval_seconds: float, datamodule=None, world_siz
         "metrics": values,
         **({"unedited": unedited} if unedited is not None else {}),
         **({"intervals": intervals} if intervals else {}),
-        **({"perplexity": editor.evaluation.perplexity} if getattr(editor.evaluation, "perplexity", None) else {}),
+        **({"perplexity": editor.evaluation.perplexity} if editor.evaluation.perplexity else {}),
         "style": editor.evaluation.metrics.style,
         "definitions": editor.evaluation.metrics.definitions(),
         "config": {"model": dict(editor.hparams), "data": dict(dm.hparams) if dm is not None else None},

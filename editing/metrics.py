@@ -286,8 +286,8 @@ class EditMetrics(nn.Module):
 
     def update_generation(self, kinds: list[str], values: torch.Tensor, groups: torch.Tensor) -> None:
         """Generation-based values per prompt (`editing.evaluation.generation_values`): 1/0 whether
-        the greedy continuation starts with the target (rewrite, paraphrase) or equals the unedited
-        model's (neighbourhood, locality)."""
+        the greedy continuation starts with the target (rewrite, paraphrase, portability) or equals
+        the unedited model's (neighbourhood, locality)."""
         for kind in KINDS:
             rows = torch.tensor([i for i, k in enumerate(kinds) if k == kind], dtype=torch.long)
             if rows.numel():

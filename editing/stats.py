@@ -89,6 +89,21 @@ def cache_path(digest: str, corpus: str, layer: int, n_samples: int | None, max_
     return _cache_file(digest, corpus_id(corpus), layer, n, max_length, forward_dtype)
 
 
+def _key(model: nn.Module, max_length: int, forward_dtype: str = "auto") -> tuple[str, int, str]:
+    """The model's part of the cache key: (weights digest, max_length clamped to the model's positions,
+    forward dtype resolved)."""
+    limit = _max_positions(model)
+    return (fingerprint(model)["digest"], max_length if limit is None else min(max_length, limit),
+            resolve_forward_dtype(model, forward_dtype))
+
+
+def cache_paths(model: nn.Module, layers: list[int], corpus: str = DEFAULT_CORPUS, n_samples: int | None = None,
+                max_length: int = 256, forward_dtype: str = "auto") -> dict[int, Path]:
+    """The cache file `second_moments` reads and writes for each layer of `model` with these settings."""
+    digest, length, dtype_name = _key(model, max_length, forward_dtype)
+    return {l: cache_path(digest, corpus, l, n_samples, length, dtype_name) for l in layers}
+
+
 def _cache_file(digest: str, corpus: str, layer: int | str, n: str, max_length: int | str, forward_dtype: str) -> Path:
     """The cache file named by the key fields as the metadata stores them (corpus: its id)."""
     for part in (digest, corpus, str(layer), n, str(max_length), forward_dtype):
@@ -196,11 +211,7 @@ def second_moments(model, tokenizer, layers: list[int], corpus: str = DEFAULT_CO
         return {}
     if batch_tokens < 1:
         raise ValueError("batch_tokens must be positive")
-    limit = _max_positions(model)
-    if limit is not None:
-        max_length = min(max_length, limit)
-    dtype_name = resolve_forward_dtype(model, forward_dtype)
-    digest = fingerprint(model)["digest"]
+    digest, max_length, dtype_name = _key(model, max_length, forward_dtype)
     paths = {l: cache_path(digest, corpus, l, n_samples, max_length, dtype_name) for l in layers}
 
     out: dict[int, torch.Tensor] = {}
@@ -310,8 +321,8 @@ def import_statistics(path: str | Path, model_digest: str | None = None) -> list
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise SystemExit(f"error: {path}: not an exported statistics file ({e})")
-    written = []
-    for layer, m in meta.items():
+    targets = []
+    for layer, m in meta.items():   # check every layer before writing any
         missing = [k for k in KEY_FIELDS if k not in m]
         if missing or f"layer{layer}" not in tensors:
             raise SystemExit(f"error: {path}: layer {layer} lacks {missing or ['its moment']}")
@@ -320,8 +331,12 @@ def import_statistics(path: str | Path, model_digest: str | None = None) -> list
         moment = tensors[f"layer{layer}"]
         if moment.dim() != 2 or moment.shape[0] != moment.shape[1] or not torch.isfinite(moment).all():
             raise SystemExit(f"error: {path}: layer {layer} is not a finite square moment")
-        target = _cache_file(m["model_digest"], m["corpus"], m["layer"], m["n_samples"], m["max_length"],
-                             m["forward_dtype"])
+        try:
+            target = _cache_file(m["model_digest"], m["corpus"], m["layer"], m["n_samples"], m["max_length"],
+                                 m["forward_dtype"])
+        except ValueError as e:
+            raise ValueError(f"{path}: layer {layer}: {e}") from None
+        targets.append((target, moment, m))
+    for target, moment, m in targets:
         _save_atomic({"moment": moment.float().contiguous()}, m, target)
-        written.append(target)
-    return written
+    return [t for t, _, _ in targets]

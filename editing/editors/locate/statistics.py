@@ -2,12 +2,11 @@
 `editing.stats`), kept in memory per layer."""
 from __future__ import annotations
 
-import torch
-
 from pathlib import Path
 
-from editing.models import fingerprint
-from editing.stats import _max_positions, cache_path, resolve_forward_dtype, second_moments
+import torch
+
+from editing.stats import cache_paths, second_moments
 
 
 class KeyStatistics(dict):
@@ -27,10 +26,7 @@ class KeyStatistics(dict):
     def files(self, model, tokenizer, layers: list[int]) -> dict[int, Path]:
         """Fill `layers` (computing what is not cached) and return each layer's cache file."""
         self.fill(model, tokenizer, layers)
-        limit = _max_positions(model)
-        length = self.max_length if limit is None else min(self.max_length, limit)
-        digest, dtype = fingerprint(model)["digest"], resolve_forward_dtype(model)
-        return {l: cache_path(digest, self.corpus, l, self.n_samples, length, dtype) for l in layers}
+        return cache_paths(model, layers, self.corpus, self.n_samples, self.max_length)
 
     def at(self, layer: int, device) -> torch.Tensor:
         return self[layer].to(device)
