@@ -92,7 +92,10 @@ class EditProgressBar(TQDMProgressBar):
         n = getattr(dm, "num_selected", None) if dm is not None else None
         return int(n) if n else 0
 
+    # A trained editor's `fit` is a training run: Lightning's own bars (steps, validation, metrics).
     def on_train_start(self, trainer, pl_module) -> None:
+        if getattr(pl_module, "trained", False):
+            return super().on_train_start(trainer, pl_module)
         total = self._total_cases(trainer)
         dm = trainer.datamodule
         if trainer.is_global_zero:
@@ -103,10 +106,14 @@ class EditProgressBar(TQDMProgressBar):
         self._cases = 0
         self.train_progress_bar = self._bar("editing", total)
 
-    def on_train_epoch_start(self, trainer, *_) -> None:
-        pass  # one epoch: the bar made in on_train_start counts every case
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if getattr(pl_module, "trained", False):
+            return super().on_train_epoch_start(trainer, pl_module)
+        # one epoch: the bar made in on_train_start counts every case
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if getattr(pl_module, "trained", False):
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._cases += len(batch) * trainer.world_size if hasattr(batch, "__len__") else 1
         bar = self.train_progress_bar
         if bar.disable:  # ranks > 0, or --trainer.enable_progress_bar false
@@ -120,9 +127,12 @@ class EditProgressBar(TQDMProgressBar):
             bar.close()  # done: what is printed next (the edit file, the table) comes after it
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        pass
+        if getattr(pl_module, "trained", False):
+            return super().on_train_epoch_end(trainer, pl_module)
 
-    def on_train_end(self, *_) -> None:
+    def on_train_end(self, trainer, pl_module) -> None:
+        if getattr(pl_module, "trained", False):
+            return super().on_train_end(trainer, pl_module)
         self.train_progress_bar.close()
 
     def on_test_start(self, trainer, pl_module) -> None:

@@ -5,6 +5,8 @@ Everything is a forward hook (output) or forward pre-hook (input) on a module, g
 the module returns or takes a tuple) and may return a replacement. On top of that:
 
 - `capture(...)`: record a module's input or output, whole or at chosen (row, position) entries;
+- `capture_io(...)`: record (input, output) of modules in the autograd graph, for gradients with
+  respect to a module's output (MEND's δ = ∂L/∂y) even in a frozen model;
 - `add_at(...)` / `replace_at(...)`: add a vector to, or overwrite, chosen (row, position) entries;
 - `attach(...)`: a persistent hook for edits that live with the model (adaptors, weight deltas),
   returning a handle whose `remove()` detaches it;
@@ -113,6 +115,33 @@ def capture(modules: dict[str, nn.Module], where: Where = "output",
     try:
         for name, mod in modules.items():
             handles.append(attach(mod, make(name), where))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def capture_io(modules: dict[str, nn.Module]) -> Iterator[dict[str, list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """Every forward's (input, output) of each module, by name, kept in the autograd graph. An output
+    that does not require grad (a frozen model) is replaced by itself plus a zero leaf that does, so
+    `torch.autograd.grad(loss, output)` is ∂loss/∂output through every later module, and no
+    parameter's `.grad` is touched."""
+    store: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in modules}
+    handles = []
+
+    def make(name):
+        def fn(x, out):
+            new = None
+            if not out.requires_grad:
+                new = out = out + torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
+            store[name].append((x, out))
+            return new
+        return fn
+
+    try:
+        for name, mod in modules.items():
+            handles.append(attach_io(mod, make(name)))
         yield store
     finally:
         for h in handles:

@@ -5,10 +5,12 @@ import json
 import random
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from editing.data import meta
 from editing.data.batch import EditBatch
 from editing.data.readers import Format, Kind, load_benchmark
 from editing.data.records import Benchmark, DataError, EditRequest, EvalCase
@@ -82,12 +84,22 @@ class EditDataModule(pl.LightningDataModule):
             iReVa's zsRE trigger " Answer:" (None: the prompts as read).
         prompts: what `predict` asks the model: a prompt, a list of prompts, or a file (.txt: one
             prompt per line; .jsonl: a "prompt" field per line); None: the selected requests' prompts.
+        relations: "all" requests, or only the "held_out" part of the split (`editing.data.meta`):
+            relations (or subjects) a trained editor never saw in training or validation.
+        train_path: what a trained editor (MEND) trains on: its train part for training, its val
+            part for validation (None: the benchmark of `path` / `kind` itself).
+        split_seed: seed of the train / validation / test split.
+        meta_edits: edits per training instance (MEND's n_edits).
+        meta_batch_size: training instances per batch and process (DDP: per rank).
+        val_instances: validation instances (the first of the val part).
     """
 
     def __init__(self, path: str | None = None, format: Format | None = None, kind: Kind = "counterfactual",
                  split: str = "train", num_edits: int = 50, seed: int = 0, shuffle: bool = False,
                  edit_batch_size: int = 1, eval_batch_size: int = 8, prompt_suffix: str | None = None,
-                 prompts: list[str] | str | None = None):
+                 prompts: list[str] | str | None = None, relations: Literal["all", "held_out"] = "all",
+                 train_path: str | None = None, split_seed: int = 0, meta_edits: int = 1, meta_batch_size: int = 1,
+                 val_instances: int = 50):
         super().__init__()
         self.save_hyperparameters()
         if num_edits == 0 or num_edits < -1:
@@ -104,6 +116,8 @@ class EditDataModule(pl.LightningDataModule):
         h = self.hparams
         self.benchmark = load_benchmark(h.path, format=h.format, kind=h.kind, split=h.split, seed=h.seed)
         requests = list(self.benchmark.requests)
+        if h.relations == "held_out":
+            requests = meta.select(requests, "test", h.split_seed)
         if h.shuffle:
             random.Random(h.seed).shuffle(requests)
         self._requests = requests if h.num_edits == -1 else requests[: h.num_edits]
@@ -162,7 +176,41 @@ class EditDataModule(pl.LightningDataModule):
             raise ValueError(f"--data.prompts: every prompt must be a non-empty string, got {given!r}")
         return prompts
 
+    # --- training data of trained editors ---------------------------------------------------------------
+    def _trains_editor(self) -> bool:
+        return getattr(getattr(self.trainer, "lightning_module", None), "trained", False)
+
+    def meta_parts(self) -> dict[str, list[EditRequest]]:
+        """The train and val parts of the training source (`train_path`, else the benchmark)."""
+        if getattr(self, "_meta", None) is not None:
+            return self._meta
+        h = self.hparams
+        source = load_benchmark(h.train_path, kind=h.kind, seed=h.seed) if h.train_path else \
+            load_benchmark(h.path, format=h.format, kind=h.kind, split=h.split, seed=h.seed)
+        requests = [r.with_suffix(h.prompt_suffix) for r in source.requests] if h.prompt_suffix else source.requests
+        parts = {p: meta.select(requests, p, h.split_seed) for p in ("train", "val")}
+        for p, rs in parts.items():
+            if not rs:
+                raise ValueError(f"{source.source or source.name}: the {p} part of the split is empty")
+        self._meta = parts
+        return parts
+
+    def _meta_loader(self, requests: list[EditRequest], shuffle: bool, limit: int | None) -> DataLoader:
+        h = self.hparams
+        ds = meta.MetaDataset(requests, h.meta_edits, h.split_seed, limit)
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        # The same permutation in every process; rank r takes every world-th instance, so a DDP run
+        # sees the global batches of one process with meta_batch_size * world.
+        sampler = DistributedSampler(ds, world, rank, shuffle=shuffle, seed=h.split_seed, drop_last=shuffle) \
+            if shuffle else ShardSampler(ds, world, rank)
+        return DataLoader(ds, batch_size=h.meta_batch_size if shuffle else 1, sampler=sampler, collate_fn=_as_list)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._meta_loader(self.meta_parts()["val"], False, self.hparams.val_instances)
+
     def train_dataloader(self) -> DataLoader:
+        if self._trains_editor():
+            return self._meta_loader(self.meta_parts()["train"], True, None)
         ds = _ListDataset(self.edit_steps())
         return DataLoader(ds, batch_size=None, sampler=EveryRankSampler(ds), collate_fn=_as_list)
 

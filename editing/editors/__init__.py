@@ -11,8 +11,9 @@ from editing.editors.jeep import JEEP
 from editing.editors.lora import LoRA
 from editing.editors.melo import MELO
 from editing.editors.memit import MEMIT
+from editing.editors.mend import MEND
 from editing.editors.noedit import NoEdit
 from editing.editors.pmet import PMET
 from editing.editors.rome import ROME
 
-__all__ = ["AdaPLE", "AlphaEdit", "EMMET", "Editor", "EditError", "CheckpointMismatchError", "FT", "GRACE", "IReVa", "JEEP", "LoRA", "NoEdit", "ROME", "MELO", "MEMIT", "PMET", "COMEBA"]
+__all__ = ["AdaPLE", "AlphaEdit", "EMMET", "Editor", "EditError", "CheckpointMismatchError", "FT", "GRACE", "IReVa", "JEEP", "LoRA", "NoEdit", "ROME", "MELO", "MEMIT", "MEND", "PMET", "COMEBA"]

@@ -1,5 +1,7 @@
-"""`DeltaLinear`: a trainable weight delta on a linear layer (FT-L/FT-M/FT-WD's edit):
-out = base(x) + x Δᵀ, with Δ stored (out, in) in float32 whatever the model's dtype."""
+"""`DeltaLinear`: a trainable weight delta on a linear layer (FT-L/FT-M/FT-WD's and MEND's edit):
+out = base(x) + x (Δ + P)ᵀ, with Δ stored (out, in) in float32 whatever the model's dtype. P
+(`pending`, normally None) is a proposed delta that is not part of the edit state: a trained editor's
+update while it is being trained, kept in the autograd graph of the editor network."""
 from __future__ import annotations
 
 import torch
@@ -16,9 +18,11 @@ class DeltaLinear(EditLayer):
         super().__init__(base_layer)
         self.delta = nn.Parameter(torch.zeros_like(weight_out_in(base_layer), dtype=dtype))
         self._unmerged: torch.Tensor | None = None
+        self.pending: torch.Tensor | None = None
 
     def edit(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return out + linear(self.base_layer, x.to(self.delta.dtype), self.delta).to(out.dtype)
+        delta = self.delta if self.pending is None else self.delta + self.pending
+        return out + linear(self.base_layer, x.to(self.delta.dtype), delta).to(out.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
