@@ -15,5 +15,6 @@ from editing.editors.mend import MEND
 from editing.editors.noedit import NoEdit
 from editing.editors.pmet import PMET
 from editing.editors.rome import ROME
+from editing.editors.serac import SERAC
 
-__all__ = ["AdaPLE", "AlphaEdit", "EMMET", "Editor", "EditError", "CheckpointMismatchError", "FT", "GRACE", "IReVa", "JEEP", "LoRA", "NoEdit", "ROME", "MELO", "MEMIT", "MEND", "PMET", "COMEBA"]
+__all__ = ["AdaPLE", "AlphaEdit", "EMMET", "Editor", "EditError", "CheckpointMismatchError", "FT", "GRACE", "IReVa", "JEEP", "LoRA", "NoEdit", "ROME", "SERAC", "MELO", "MEMIT", "MEND", "PMET", "COMEBA"]

@@ -155,11 +155,18 @@ class TrainedEditor(Editor):
                 for k, v in snap[n].items():
                     own[k].copy_(v)
 
+    def holds_edits(self) -> bool:
+        """Whether edits were made (a weight delta is not zero)."""
+        return any(v.any() for state in self.snapshot().values() for v in state.values())
+
     def on_test_start(self) -> None:
-        """`test` first edits the data's requests with the trained editor (every rank all of them)."""
+        """`test` first edits the data's requests with the trained editor (every rank all of them),
+        unless the loaded edit file holds edits already (then those are evaluated)."""
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "edit_steps"):
             return
+        if self.holds_edits():
+            return  # the checkpoint holds a trained editor's edits already: evaluate those
         if self.edit_file is None:
             warnings.warn(f"{type(self).__name__} is untrained here (no --ckpt_path): its edits are an untrained "
                           "editor's")
