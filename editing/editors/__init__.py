@@ -9,6 +9,7 @@ from editing.editors.grace import GRACE
 from editing.editors.ireva import IReVa
 from editing.editors.jeep import JEEP
 from editing.editors.lora import LoRA
+from editing.editors.malmen import MALMEN
 from editing.editors.melo import MELO
 from editing.editors.memit import MEMIT
 from editing.editors.mend import MEND
@@ -17,4 +18,4 @@ from editing.editors.pmet import PMET
 from editing.editors.rome import ROME
 from editing.editors.serac import SERAC
 
-__all__ = ["AdaPLE", "AlphaEdit", "EMMET", "Editor", "EditError", "CheckpointMismatchError", "FT", "GRACE", "IReVa", "JEEP", "LoRA", "NoEdit", "ROME", "SERAC", "MELO", "MEMIT", "MEND", "PMET", "COMEBA"]
+__all__ = ["AdaPLE", "AlphaEdit", "EMMET", "Editor", "EditError", "CheckpointMismatchError", "FT", "GRACE", "IReVa", "JEEP", "LoRA", "NoEdit", "ROME", "SERAC", "MALMEN", "MELO", "MEMIT", "MEND", "PMET", "COMEBA"]

@@ -31,7 +31,6 @@ from editing import hooks
 from editing.data.batch import EditBatch
 from editing.data.meta import MetaInstance
 from editing.data.records import EditRequest
-from editing.editors.ft import target_nll
 from editing.editors.trained import TrainedEditor
 from editing.layout import weight_out_in
 from editing.tuners import DeltaLinear
@@ -97,7 +96,101 @@ def shape_key(shape) -> str:
     return "x".join(str(int(s)) for s in shape)
 
 
-class MEND(TrainedEditor):
+class FactorEditor(TrainedEditor):
+    """The part MEND and MALMEN share: `DeltaLinear`s at the edited modules (the edit state; the
+    trained network is not), grouped by weight shape (one network per shape, the index within the
+    shape as the mode), the gradient factors (module input, output gradient) of an edit's LM loss,
+    normaliser statistics summed over processes, and the functional (pending) application."""
+
+    def inject_modules(self, layers: list[int], modules: list[str] | None, default: list[str]) -> None:
+        lay = self.layout
+        rel = list(modules) if modules is not None else default
+        self.layers = sorted({lay.layer_index(l) for l in layers})
+        self.names = [f"{lay.block_name(l)}.{r}" for l in self.layers for r in rel]
+        found = dict(self.model.named_modules())
+        if not self.names or any(n not in found for n in self.names):
+            raise ValueError(f"{type(self).__name__} modules not in the model: "
+                             f"{[n for n in self.names if n not in found][:3] or rel}")
+        self.groups: dict[str, list[str]] = {}   # weight shape "outxin" -> module names
+        for n in self.names:
+            layer = DeltaLinear(found[n])
+            layer.delta.requires_grad_(False)  # written by edit steps, never trained
+            lay.swap(n, layer)
+            self.groups.setdefault(shape_key(layer.delta.shape), []).append(n)
+        self.mode = {n: names.index(n) for names in self.groups.values() for n in names}
+        self.shape_of = {n: key for key, names in self.groups.items() for n in names}
+
+    def nets(self) -> nn.ModuleDict:
+        """The editor network of each weight shape."""
+        raise NotImplementedError
+
+    def delta_layers(self) -> dict[str, DeltaLinear]:
+        modules = dict(self.model.named_modules())
+        return {n: modules[n] for n in self.names}
+
+    def factors(self, requests: list[EditRequest], answer_rows: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per edited module the rows (u, δ) of the edits' LM loss: the module's input and the loss's
+        gradient with respect to its output. MEND (`answer_rows` False): every position, rows with
+        u = 0 or δ = 0 dropped, the loss the mean over edits of each one's token-mean NLL. MALMEN
+        (True): the positions that predict answer tokens only, the loss the token mean over all."""
+        layers = self.delta_layers()
+        with torch.enable_grad(), hooks.capture_io(layers) as io:
+            lp, batch = self.target_logprobs([r.text for r in requests], [r.target_new for r in requests])
+            tok = lp.gather(-1, batch.target_ids[..., None]).squeeze(-1) * batch.target_mask
+            mask = batch.target_mask
+            loss = -tok.sum() / mask.sum() if answer_rows else (-tok.sum(1) / mask.sum(1)).mean()
+            outs = [io[n][-1][1] for n in self.names]
+            grads = torch.autograd.grad(loss, outs)
+        out = {}
+        for n, g in zip(self.names, grads):
+            x = io[n][-1][0]
+            if answer_rows:
+                pos, keep = batch.target_positions.to(x.device), mask.bool().to(x.device)
+                out[n] = (hooks.gather_at(x, pos)[keep].detach().float(), hooks.gather_at(g, pos)[keep].detach().float())
+                continue
+            u, d = x.detach().reshape(-1, x.shape[-1]).float(), g.detach().reshape(-1, g.shape[-1]).float()
+            keep = (u != 0).any(-1) & (d != 0).any(-1)
+            out[n] = (u[keep], d[keep])
+        return out
+
+    def update_statistics(self, factors: list[dict]) -> None:
+        """Add the rows [u; δ] to each network's normaliser (summed over processes under DDP)."""
+        for key, net in self.nets().items():
+            if net.norm is None:
+                continue
+            rows = [torch.cat(f[n], -1) for f in factors for n in self.groups[key]]
+            inc = net.norm.increments(torch.cat(rows))
+            trainer = self._trainer
+            if trainer is not None and trainer.world_size > 1:
+                inc = trainer.strategy.reduce(inc, reduce_op="sum")
+            net.norm.add(inc)
+
+    def pending(self, deltas: dict[str, torch.Tensor] | None):
+        """Put proposed deltas (out, in) into the model functionally (None: take them out)."""
+        for n, m in self.delta_layers().items():
+            m.pending = None if deltas is None else deltas[n]
+
+    def nll(self, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean NLL per target token of each (prompt, target) and whether every token is the argmax."""
+        lp, batch = self.target_logprobs([p for p, _ in pairs], [t for _, t in pairs])
+        tok = lp.gather(-1, batch.target_ids[..., None]).squeeze(-1)
+        mask = batch.target_mask
+        hit = ((lp.argmax(-1) == batch.target_ids) | ~mask.bool()).all(-1)
+        return (-(tok * mask).sum(1) / mask.sum(1)), hit
+
+    def locality_logprobs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities [B, S, V] at every position of the texts and their attention mask."""
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
+        logits = self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False).logits
+        return F.log_softmax(logits.float(), -1), enc.attention_mask.bool()
+
+    def apply_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, m in self.delta_layers().items():
+                m.delta += deltas[n]
+
+
+class MEND(FactorEditor):
     """MEND on the linear maps `modules` (relative to a block) of `layers`.
 
     Args:
@@ -119,65 +212,21 @@ class MEND(TrainedEditor):
                  n_hidden: int = 1, norm: bool = True, edit_lr: float = 1e-4, lr_lr: float = 1e-4,
                  sign: Sign = "official", c_edit: float = 0.1, c_loc: float = 1.0, **kwargs):
         super().__init__(**kwargs)
-        lay = self.layout
-        rel = list(modules) if modules is not None else [*lay.family.mlp_in, lay.family.mlp_out]
-        self.layers = sorted({lay.layer_index(l) for l in layers})
-        self.names = [f"{lay.block_name(l)}.{r}" for l in self.layers for r in rel]
-        found = dict(self.model.named_modules())
-        if not self.names or any(n not in found for n in self.names):
-            raise ValueError(f"MEND modules not in the model: {[n for n in self.names if n not in found][:3] or rel}")
-        shapes: dict[str, list[str]] = {}
-        for n in self.names:
-            layer = DeltaLinear(found[n])
-            layer.delta.requires_grad_(False)  # written by edit steps, never trained
-            lay.swap(n, layer)
-            shapes.setdefault(shape_key(layer.delta.shape), []).append(n)
-        self.mode = {n: names.index(n) for names in shapes.values() for n in names}
-        self.shape_of = {n: key for key, names in shapes.items() for n in names}
+        self.inject_modules(layers, modules, [*self.layout.family.mlp_in, self.layout.family.mlp_out])
         self.mend = nn.ModuleDict({key: GradientTransform(int(key.split("x")[1]), int(key.split("x")[0]), len(names),
-                                                          rank, n_hidden, norm) for key, names in shapes.items()})
+                                                          rank, n_hidden, norm) for key, names in self.groups.items()})
         self.edit_lrs = nn.Parameter(torch.full((len(self.names),), float(edit_lr)))
+
+    def nets(self) -> nn.ModuleDict:
+        return self.mend
 
     def edit_shape(self) -> dict:
         h = self.hparams
         return {"modules": list(self.names), "rank": h.rank, "n_hidden": h.n_hidden, "norm": h.norm, "sign": h.sign}
 
-    def delta_layers(self) -> dict[str, DeltaLinear]:
-        modules = dict(self.model.named_modules())
-        return {n: modules[n] for n in self.names}
-
     def optimizer_groups(self) -> list[dict]:
         return [{"params": list(self.mend.parameters()), "lr": self.hparams.lr},
                 {"params": [self.edit_lrs], "lr": self.hparams.lr_lr}]
-
-    # --- the paper's quantities ------------------------------------------------------------------------
-    def factors(self, requests: list[EditRequest]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per edited module the rows (u, δ) of the edits' LM loss: the module's input and the loss's
-        gradient with respect to its output, rows with u = 0 or δ = 0 dropped."""
-        layers = self.delta_layers()
-        with torch.enable_grad(), hooks.capture_io(layers) as io:
-            loss = target_nll(self, requests)
-            outs = [io[n][-1][1] for n in self.names]
-            grads = torch.autograd.grad(loss, outs)
-        out = {}
-        for n, g in zip(self.names, grads):
-            x = io[n][-1][0]
-            u, d = x.detach().reshape(-1, x.shape[-1]).float(), g.detach().reshape(-1, g.shape[-1]).float()
-            keep = (u != 0).any(-1) & (d != 0).any(-1)
-            out[n] = (u[keep], d[keep])
-        return out
-
-    def update_statistics(self, factors: list[dict]) -> None:
-        """Add the rows to each network's normaliser (summed over processes under DDP)."""
-        for key, net in self.mend.items():
-            if net.norm is None:
-                continue
-            rows = [torch.cat(f[n], -1) for f in factors for n in self.names if self.shape_of[n] == key]
-            inc = net.norm.increments(torch.cat(rows))
-            trainer = self._trainer
-            if trainer is not None and trainer.world_size > 1:
-                inc = trainer.strategy.reduce(inc, reduce_op="sum")
-            net.norm.add(inc)
 
     def proposed(self, factors: dict) -> dict[str, torch.Tensor]:
         """sign · α_l ∇̃W (out, in) per module, ∇̃W = Σ_b δ̃_b ũ_bᵀ."""
@@ -188,25 +237,6 @@ class MEND(TrainedEditor):
             ut, dt = self.mend[self.shape_of[n]](u, d, self.mode[n])
             out[n] = sign * self.edit_lrs[i] * (dt.t() @ ut)
         return out
-
-    def pending(self, deltas: dict[str, torch.Tensor] | None):
-        layers = self.delta_layers()
-        for n, m in layers.items():
-            m.pending = None if deltas is None else deltas[n]
-
-    # --- losses -----------------------------------------------------------------------------------------
-    def nll(self, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean NLL per target token of each (prompt, target) and whether every token is the argmax."""
-        lp, batch = self.target_logprobs([p for p, _ in pairs], [t for _, t in pairs])
-        tok = lp.gather(-1, batch.target_ids[..., None]).squeeze(-1)
-        mask = batch.target_mask
-        hit = ((lp.argmax(-1) == batch.target_ids) | ~mask.bool()).all(-1)
-        return (-(tok * mask).sum(1) / mask.sum(1)), hit
-
-    def locality_logprobs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
-        logits = self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False).logits
-        return F.log_softmax(logits.float(), -1), enc.attention_mask.bool()
 
     def instance_loss(self, inst: MetaInstance, factors: dict) -> tuple[torch.Tensor, dict]:
         texts = [f"{p} {a}" for p, a in inst.locality]
@@ -245,7 +275,5 @@ class MEND(TrainedEditor):
     def apply_edit(self, batch: EditBatch) -> dict:
         factors = self.factors(batch.requests)
         with torch.no_grad():
-            deltas = self.proposed(factors)
-            for n, m in self.delta_layers().items():
-                m.delta += deltas[n]
+            self.apply_deltas(self.proposed(factors))
         return {"rows": sum(len(u) for u, _ in factors.values()) / len(self.names)}

@@ -10,9 +10,11 @@ At the end the best editor is written as <run dir>/checkpoints/edit.safetensors.
 `cli.py test --ckpt_path <that file>` then edits the data's requests with the trained editor, in steps
 of `--data.edit_batch_size` (sequential when 1), and evaluates them as every editor's `test` does.
 The trained network is not edit state that changes in an edit step: a step's snapshot and rollback
-cover the weight deltas only.
+cover the weight deltas only. A step that fails its checks in `test` is rolled back and the run goes
+on: that case is evaluated unedited and results.json lists it under `refused_steps`.
 
-Subclasses implement `meta_loss(instances) -> (loss, logs)`, `meta_eval(instance) -> metrics` (the
+Subclasses implement `meta_loss(instances) -> (loss to back-propagate, logs)` (logs["loss"], when
+given, is the loss reported, e.g. for MALMEN's surrogate), `meta_eval(instance) -> metrics` (the
 post-edit edit success, in [0, 1], and more), `optimizer_groups()` and `apply_edit`.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torchmetrics import MeanMetric
 
+import editing.editors.checks as checks
 from editing.editors.base import Editor
 
 Schedule = Literal["constant", "cosine"]
@@ -83,8 +86,9 @@ class TrainedEditor(Editor):
 
     def training_step(self, batch: list, batch_idx: int) -> torch.Tensor:
         loss, logs = self.meta_loss(batch)
+        value = logs.pop("loss", loss.detach())  # an editor that returns a surrogate reports its true loss
         self.log_dict({f"train/{k}": float(v) for k, v in logs.items()}, on_step=True, batch_size=len(batch))
-        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, batch_size=len(batch))
+        self.log("train/loss", float(value), on_step=True, prog_bar=True, batch_size=len(batch))
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -171,9 +175,21 @@ class TrainedEditor(Editor):
             warnings.warn(f"{type(self).__name__} is untrained here (no --ckpt_path): its edits are an untrained "
                           "editor's")
         from editing.console import progress
+        from editing.editors.base import EditError
         steps = dm.edit_steps()
+        self.refused = []
         with progress(len(steps), f"editing with the trained {self.method}") as bar, \
                 torch.inference_mode(False), torch.enable_grad():
             for step in steps:
-                self.edit(step)
+                try:
+                    self.edit(step)
+                except EditError as e:  # rolled back: evaluated as not edited (results.json lists it)
+                    if not isinstance(e.__cause__, checks.StepCheckError):
+                        raise
+                    self.refused.append({"cases": [r.case_id for r in step.requests], "reason": str(e.__cause__)})
+                    warnings.warn(f"step refused and rolled back: {e}")
                 bar.update()
+
+    def report_extras(self, values: dict) -> dict:
+        refused = getattr(self, "refused", None)
+        return {} if refused is None else {"refused_steps": refused}
