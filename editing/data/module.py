@@ -10,7 +10,7 @@ from typing import Literal
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from editing.data import meta
+import editing.data.meta as meta
 from editing.data.batch import EditBatch
 from editing.data.readers import Format, Kind, load_benchmark
 from editing.data.records import Benchmark, DataError, EditRequest, EvalCase
