@@ -90,6 +90,35 @@ def main() -> None:
               f"refused {m['refused_steps']}, {m['edit_s_per_edit']:.2f} s/edit", flush=True)
         out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     write_table(report, out)
+    if report["trained"]:
+        plot_training(report["trained"], out.parent / "trained_training.png")
+
+
+def plot_training(trained: dict[str, str], path: Path) -> None:
+    """Validation curves (val/edit_success, val/locality against the optimiser step) of each trained
+    editor, read from the metrics.csv of the run that wrote its edit file."""
+    import csv
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for method, edit_file in sorted(trained.items()):
+        metrics = Path(edit_file).resolve().parent.parent / "metrics.csv"
+        if not metrics.is_file():
+            continue
+        rows = [r for r in csv.DictReader(metrics.open()) if r.get("val/edit_success")]
+        for ax, key in zip(axes, ("val/edit_success", "val/locality")):
+            ax.plot([int(r["step"]) for r in rows], [100 * float(r[key]) for r in rows], marker="o", label=method)
+    for ax, title in zip(axes, ("validation edit success (%)", "validation locality (%)")):
+        ax.set_title(title)
+        ax.set_xlabel("optimiser step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"curves: {path}")
 
 
 def write_table(report: dict, out: Path) -> None:

@@ -40,7 +40,7 @@ def test_an_edited_prompt_scores_one_and_reads_its_edit(tiny_llama):
     assert float(d[0, 1]) == pytest.approx(0.0, abs=1e-6)           # s = exp(0) = 1
     assert ed.route(REQS[1].text) == 1
     r = REQS[1]
-    assert ed.prepare_prompt(r.text) == f"{r.text} {r.target_new}. {r.text}"
+    assert ed.prepare_prompt(r.text) == f"{r.text} {r.target_new} {r.text}"
     with ed.disabled():
         assert ed.prepare_prompt(r.text) == r.text
 

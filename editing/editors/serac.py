@@ -10,8 +10,11 @@ the components are BASELINES.md §6 (f)'s offline adaptation:
   without parameters), then a trainable linear projection to `dim` (256) dimensions, the only
   trained part (the paper fine-tunes DistilBERT);
 - the counterfactual model is the base model with the retrieved edit in context (the paper's
-  `freeze_cntr`): it reads "<edit prompt> <new target>" + `separator` + x (the paper trains a small
-  seq2seq model for it; with the counterfactual frozen its loss is constant and not trained).
+  `freeze_cntr`): it reads `context` filled with the edit, then x (the paper trains a small
+  seq2seq model for it; with the counterfactual frozen its loss is constant and not trained). What
+  the context looks like is `context` ("{prompt} {target} " by default, the official decoder-only
+  format; configs/serac.yaml states the edit twice on its own lines, which SmolLM2 copies far more
+  often: docs/trained.md).
 Training minimises the paper's balanced classification loss, mean over in-scope inputs of −log s
 plus mean over out-of-scope inputs of −log(1 − s), with the edit's paraphrases as in-scope inputs and
 its locality prompt and neighbourhood prompts (same relation, other subjects: the hard negatives) as
@@ -46,12 +49,13 @@ class SERAC(TrainedEditor):
         layer: the block whose output the classifier pools (None: the middle block).
         dim: the classifier's embedding size.
         threshold: an input goes to the counterfactual model when its best score is above this.
-        separator: between the retrieved edit ("<prompt> <target>") and the input.
+        context: the text put before the input for the counterfactual model, with {prompt} (the
+            edit prompt) and {target} (the new target); the paper's is "{prompt} {target} ".
     """
 
     method = "serac"
 
-    def __init__(self, layer: int | None = None, dim: int = 256, threshold: float = 0.5, separator: str = ". ",
+    def __init__(self, layer: int | None = None, dim: int = 256, threshold: float = 0.5, context: str = "{prompt} {target} ",
                  lr: float = 1e-3, **kwargs):
         super().__init__(lr=lr, **kwargs)
         lay = self.layout
@@ -126,7 +130,7 @@ class SERAC(TrainedEditor):
         if i is None:
             return super().prepare_prompt(prompt)
         m = self.memory[i]
-        return super().prepare_prompt(f"{m['prompt']} {m['target']}{self.hparams.separator}{prompt}")
+        return super().prepare_prompt(self.hparams.context.format(prompt=m["prompt"], target=m["target"]) + prompt)
 
     # --- training -------------------------------------------------------------------------------------------
     def scope_samples(self, inst: MetaInstance) -> list[tuple[int, str, bool]]:
