@@ -2,8 +2,9 @@
 
 For these editors `cli.py fit` is a real training run of Lightning: automatic optimisation of the
 editor network (Adam, a learning-rate schedule, gradient clipping and accumulation from the
-trainer), a validation loop every `val_check_interval` batches logging `val/edit_success`,
-`SafeCheckpoint` keeping the best editor by it (a safe edit file, never a pickle), `EarlyStopping`,
+trainer), a validation loop every `val_check_interval` batches logging `val/edit_success` (and
+`val/score`, its harmonic mean with `val/locality`), `SafeCheckpoint` keeping the best editor by
+`monitor` (edit success by default) (a safe edit file, never a pickle), `EarlyStopping`,
 and DDP that averages gradients (the data module gives each rank its share of every global batch).
 At the end the best editor is written as <run dir>/checkpoints/edit.safetensors.
 
@@ -54,13 +55,17 @@ class TrainedEditor(Editor):
         lr: Adam learning rate of the editor network.
         lr_schedule: "constant" or "cosine" (to zero at the trainer's last step), after warmup.
         warmup_steps: optimiser steps of linear warmup.
-        early_stop_patience: validations without a better `val/edit_success` before training stops.
+        early_stop_patience: validations without a better monitored value before training stops.
+        monitor: what picks the best editor and stops early: "val/edit_success", or "val/score",
+            the harmonic mean of validation edit success and locality (for an editor that can buy
+            edit success with locality, such as SERAC's classifier).
     """
 
     trained = True
 
     def __init__(self, lr: float = 1e-6, lr_schedule: Schedule = "constant", warmup_steps: int = 0,
-                 early_stop_patience: int = 5, **kwargs):
+                 early_stop_patience: int = 5, monitor: Literal["val/edit_success", "val/score"] = MONITOR,
+                 **kwargs):
         super().__init__(**kwargs)
         self.automatic_optimization = True
         self.val_metrics: dict[str, MeanMetric] = {}
@@ -127,13 +132,16 @@ class TrainedEditor(Editor):
         values = {f"val/{k}": m.compute() for k, m in self.val_metrics.items()}
         for m in self.val_metrics.values():
             m.reset()
+        if "val/edit_success" in values and "val/locality" in values:
+            e, l = values["val/edit_success"], values["val/locality"]
+            values["val/score"] = 2 * e * l / (e + l) if float(e + l) > 0 else e * 0
         self.log_dict(values, prog_bar=True, sync_dist=False)
 
     def configure_callbacks(self):
         h = self.hparams
         return [*super().configure_callbacks(),
-                SafeCheckpoint(monitor=MONITOR, mode="max", save_top_k=1, filename="best-{step}"),
-                EarlyStopping(monitor=MONITOR, mode="max", patience=h.early_stop_patience, strict=False)]
+                SafeCheckpoint(monitor=h.monitor, mode="max", save_top_k=1, filename="best-{step}"),
+                EarlyStopping(monitor=h.monitor, mode="max", patience=h.early_stop_patience, strict=False)]
 
     def best_checkpoint(self) -> str | None:
         trainer = self._trainer
