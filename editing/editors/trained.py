@@ -1,10 +1,10 @@
-"""`TrainedEditor`: the base of editors that are trained before they edit (MEND).
+"""`TrainedEditor`: the base of editors that are trained before they edit (MEND, MALMEN, SERAC).
 
 For these editors `cli.py fit` is a real training run of Lightning: automatic optimisation of the
 editor network (Adam, a learning-rate schedule, gradient clipping and accumulation from the
 trainer), a validation loop every `val_check_interval` batches logging `val/edit_success` (and
 `val/score`, its harmonic mean with `val/locality`), `SafeCheckpoint` keeping the best editor by
-`monitor` (edit success by default) (a safe edit file, never a pickle), `EarlyStopping`,
+`monitor` (edit success by default; a safe edit file, never a pickle), `EarlyStopping`,
 and DDP that averages gradients (the data module gives each rank its share of every global batch).
 At the end the best editor is written as <run dir>/checkpoints/edit.safetensors.
 
