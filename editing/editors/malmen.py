@@ -122,31 +122,24 @@ class MALMEN(FactorEditor):
 
     def instance_loss(self, inst: MetaInstance, S: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """L with S put into the model (S's leaves may require grad)."""
-        texts = [f"{p} {a}" for p, a in inst.locality]
+        loc = self.locality_batch(inst)
         with torch.no_grad():
-            base, mask = self.locality_logprobs(texts)
+            base = self.locality_logprobs(loc)
         self.pending({n: s.t() for n, s in S.items()})
         try:
             nll, hit = self.nll(inst.equivalence)
-            post, _ = self.locality_logprobs(texts)
+            post = self.locality_logprobs(loc)
         finally:
             self.pending(None)
-        answers = self._answer_mask(inst, mask)
-        kl = (base.exp() * (base - post)).sum(-1)[answers].sum() / len(texts)   # batchmean over answer rows
+        answers = torch.zeros_like(loc.attention_mask, dtype=torch.bool)   # the positions predicting answers
+        rows = torch.arange(len(inst.locality), device=answers.device)[:, None].expand_as(loc.target_positions)
+        keep = loc.target_mask.bool()
+        answers[rows[keep], loc.target_positions[keep]] = True
+        kl = (base.exp() * (base - post)).sum(-1)[answers].sum() / len(inst.locality)   # batchmean over answer rows
         same = (base.argmax(-1) == post.argmax(-1))[answers].float().mean()
         loss = nll.mean() + self.hparams.loc_coef * kl
         return loss, {"edit_nll": float(nll.mean().detach()), "kl": float(kl.detach()),
                       "edit_success": float(hit.float().mean()), "locality": float(same)}
-
-    def _answer_mask(self, inst: MetaInstance, mask: torch.Tensor) -> torch.Tensor:
-        """The positions of the locality texts that predict their answer tokens."""
-        from editing.tokens import encode
-        batch = encode(self.tokenizer, [p for p, _ in inst.locality], [a for _, a in inst.locality])
-        out = torch.zeros_like(mask)
-        rows = torch.arange(len(inst.locality))[:, None].expand_as(batch.target_positions)
-        keep = batch.target_mask.bool()
-        out[rows[keep], batch.target_positions[keep]] = True
-        return out & mask
 
     def meta_loss(self, instances: list[MetaInstance]) -> tuple[torch.Tensor, dict]:
         factors = [self.factors(inst.edits, answer_rows=True) for inst in instances]

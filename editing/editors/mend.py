@@ -33,6 +33,7 @@ from editing.data.meta import MetaInstance
 from editing.data.records import EditRequest
 from editing.editors.trained import TrainedEditor
 from editing.layout import weight_out_in
+from editing.tokens import TargetBatch, encode
 from editing.tuners import DeltaLinear
 
 Sign = Literal["official", "paper"]
@@ -178,11 +179,14 @@ class FactorEditor(TrainedEditor):
         hit = ((lp.argmax(-1) == batch.target_ids) | ~mask.bool()).all(-1)
         return (-(tok * mask).sum(1) / mask.sum(1)), hit
 
-    def locality_logprobs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probabilities [B, S, V] at every position of the texts and their attention mask."""
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
-        logits = self.model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False).logits
-        return F.log_softmax(logits.float(), -1), enc.attention_mask.bool()
+    def locality_batch(self, inst: MetaInstance) -> TargetBatch:
+        """The instance's locality texts (prompt + answer), tokenised once for every forward over them."""
+        return encode(self.tokenizer, [p for p, _ in inst.locality], [a for _, a in inst.locality]).to(self.device)
+
+    def locality_logprobs(self, batch: TargetBatch) -> torch.Tensor:
+        """Log-probabilities [B, S, V] at every position of the locality texts."""
+        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        return F.log_softmax(logits.float(), -1)
 
     def apply_deltas(self, deltas: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -239,13 +243,14 @@ class MEND(FactorEditor):
         return out
 
     def instance_loss(self, inst: MetaInstance, factors: dict) -> tuple[torch.Tensor, dict]:
-        texts = [f"{p} {a}" for p, a in inst.locality]
+        loc = self.locality_batch(inst)
+        mask = loc.attention_mask.bool()
         with torch.no_grad():
-            base, mask = self.locality_logprobs(texts)
+            base = self.locality_logprobs(loc)
         self.pending(self.proposed(factors))
         try:
             nll, hit = self.nll(inst.equivalence)
-            post, _ = self.locality_logprobs(texts)
+            post = self.locality_logprobs(loc)
         finally:
             self.pending(None)
         kl = (base.exp() * (base - post)).sum(-1)[mask].mean()
