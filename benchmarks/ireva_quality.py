@@ -31,16 +31,30 @@ from pathlib import Path
 
 import torch
 
-from editing.data import EvalCase, load_benchmark
+import yaml
+
+from editing.data import EvalCase, load_benchmark, meta
+from editing.data.batch import EditBatch
 from editing.editors import FT, IReVa, NoEdit
 from editing.editors.ireva import ireva_scores
+from editing.evaluation import Evaluation, intervals
 from editing.metrics import harmonic_mean
 
+INTERVALS = {"ES": "rewrite_acc", "PS": "paraphrase_acc", "NS": "locality_acc",
+             "locality_unchanged": "locality_unchanged"}  # 95 % BCa intervals over cases in the table
 SMOLLM2 = dict(layers=[27], alpha=1.0, theta=0.85)  # configs/ireva.yaml; overridden by the command line
 
 
 def build(method: str, args) -> object:
+    """`method`, optionally followed by `:key=value,...` IReVa overrides (e.g.
+    `ireva_l:calibration=template,calibration_margin=0.02`, `ireva_l:theta=0.95`)."""
+    method, _, over = method.partition(":")
+    extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in over.split(",") if kv)}
     common = dict(layers=[args.layer], alpha=args.alpha, theta=args.theta)
+    common.update({k: extra.pop(k) for k in ("theta", "alpha") if k in extra})
+    if "layer" in extra:
+        common["layers"] = [extra.pop("layer")]
+    common.update(extra)
     if method == "noedit":
         return NoEdit()
     if method == "ft":
@@ -60,20 +74,24 @@ def build(method: str, args) -> object:
 
 def run_one(method: str, kind: str, args) -> dict:
     bench = load_benchmark(kind=kind)
-    requests = bench.requests[args.offset:args.offset + args.n]
+    requests = bench.requests if args.split == "all" else meta.select(bench.requests, args.split)
+    requests = requests[args.offset:args.offset + args.n]
     cases = [EvalCase.from_request(r, i) for i, r in enumerate(requests)]
     editor = build(method, args)
     start = time.perf_counter()
     step = len(requests) if method == "ireva_l_par" else 1
-    for s in range(0, len(requests), step):
-        editor.edit(requests[s:s + step])
+    for s in range(0, len(requests), step):  # --pool: the CLI's out-of-scope pool (the edited requests)
+        editor.edit(EditBatch(requests[s:s + step], bench.style, requests if args.pool else []))
     edit_s = time.perf_counter() - start
     start = time.perf_counter()
-    values = editor.evaluate(cases, style=bench.style)
+    ev = Evaluation(editor, bench.style)
+    for s in range(0, len(cases), 8):
+        ev.update(cases[s:s + 8])
+    values = ev.compute()
+    values.update(editor.derived_scores(values) if isinstance(editor, IReVa) else ireva_scores(values))
     eval_s = time.perf_counter() - start
-    if not isinstance(editor, IReVa):
-        values.update(ireva_scores(values))
-    row = {"method": method, "kind": kind, "n": len(requests), "edit_s": edit_s, "eval_s": eval_s, **values}
+    row = {"method": method, "kind": kind, "n": len(requests), "edit_s": edit_s, "eval_s": eval_s, **values,
+           "intervals": intervals(ev.cases, INTERVALS)}
     if isinstance(editor, IReVa):
         row["neurons"] = editor.num_neurons
     print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
@@ -104,11 +122,11 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         cells = []
         for c in cols:
-            v = r.get(c, "")
+            v, ci = r.get(c, ""), r.get("intervals", {}).get(c) if c in INTERVALS else None
             if c in ("alpha", "theta"):  # hyperparameters: as given (0.65 must not print as 0.7)
                 cells.append(f"{v:g}")
             else:
-                cells.append(f"{v:.1f}" if isinstance(v, float) else str(v))
+                cells.append((f"{v:.1f}" if isinstance(v, float) else str(v)) + (f" [{ci[0]:.0f}, {ci[1]:.0f}]" if ci else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -118,6 +136,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=100, help="edits per benchmark kind (the issue asks for 100)")
     p.add_argument("--offset", type=int, default=0, help="first record of the slice")
     p.add_argument("--kinds", nargs="+", default=["factual", "counterfactual"])
+    p.add_argument("--split", choices=["all", "test"], default="all",
+                   help="test: only the held-out relations of editing.data.meta")
+    p.add_argument("--pool", action="store_true", help="edit steps carry the edited requests as their pool (as the CLI)")
     p.add_argument("--methods", nargs="+", default=["noedit", "ft", "ireva", "ireva_l"])
     p.add_argument("--layer", type=int, default=SMOLLM2["layers"][0])
     p.add_argument("--alpha", type=float, default=SMOLLM2["alpha"])

@@ -18,8 +18,14 @@ mean target probability >= 0.9; MEMIT and PMET at the same m for reference.
 `--variants M` runs JEEP with other low/high layer sets at m = M (the small sweep behind
 configs/jeep.yaml), e.g. `--variants 15 --highs 22,23 23,24 25,26 --lows 3,4,5,6,7`.
 
+`--sweep M --settings S ...` runs JEEP at m = M once per setting S, a comma-separated list of JEEP
+options (`high_clamp_norm_factor=0.1,high_mom2_update_weight=10000`, `high_layers=[24]`; "" = the
+defaults), and MEMIT on the same edits, with each setting's difference to MEMIT (paired bootstrap):
+the γ*/λ*/high-layer sweep of docs/jeep.md.
+
     python benchmarks/jeep_scaling.py [--max-n 200] [--every 1] [--methods jeep memit pmet]
-        [--ablation 0] [--variants 0 --lows ... --highs ...] [--threads 1] [--autocast bfloat16]
+        [--ablation 0] [--variants 0 --lows ... --highs ...] [--sweep 0 --settings ...] [--threads 1]
+        [--autocast bfloat16]
         [--stats-samples 1000] [--out benchmarks/results/jeep_scaling] [--from-json]
 
 Writes <out>.json (every point with per-edit values), <out>.md (tables; for the scaling curve also
@@ -35,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from editing.data import load_benchmark
 from editing.data.records import EvalCase
@@ -192,29 +199,43 @@ def paired(result: dict, samples: int, seed: int) -> list[str]:
     lines = ["", "JEEP minus the other method on the same edits (paired bootstrap, 95 % CI):", "",
              "| m | vs | Score diff | efficacy diff | generalization diff | locality diff |", "|---|---|---|---|---|---|"]
     gen = torch.Generator().manual_seed(seed)
-    q = torch.tensor([0.025, 0.975], dtype=torch.float64)
     for i, m in enumerate(result["sizes"]):
         if m < 10:
             continue
         idx = torch.randint(0, m, (samples, m), generator=gen)
-
-        def resampled(method):
-            pe = curves[method][i]["per_edit"]
-            means = {k: torch.nanmean(torch.tensor(pe[k], dtype=torch.float64)[idx], 1) for k in KEYS}
-            score = torch.tensor([harmonic_mean([float(means[k][b]) for k in KEYS]) for b in range(samples)],
-                                 dtype=torch.float64)
-            return {**means, "score": score}
-        j = resampled("jeep")
         for other in curves:
-            if other == "jeep":
-                continue
-            o = resampled(other)
-            cells = []
-            for k in ("score", *KEYS):
-                lo, hi = torch.quantile(j[k] - o[k], q).tolist()
-                cells.append(f"{curves['jeep'][i][k] - curves[other][i][k]:+.1f} [{lo:+.1f}, {hi:+.1f}]")
-            lines.append(f"| {m} | {other} | " + " | ".join(cells) + " |")
+            if other != "jeep":
+                cells = diff_cells(curves["jeep"][i], curves[other][i], idx)
+                lines.append(f"| {m} | {other} | " + " | ".join(cells) + " |")
     return lines
+
+
+def diff_cells(a: dict, b: dict, idx: torch.Tensor) -> list[str]:
+    """a minus b (two points on the same edits) for Score and each metric, with the paired percentile
+    95 % interval over the resamples `idx` [samples, m] of edits."""
+    def resampled(row):
+        means = {k: torch.nanmean(torch.tensor(row["per_edit"][k], dtype=torch.float64)[idx], 1) for k in KEYS}
+        score = torch.tensor([harmonic_mean([float(means[k][s]) for k in KEYS]) for s in range(len(idx))],
+                             dtype=torch.float64)
+        return {**means, "score": score}
+    ra, rb, q = resampled(a), resampled(b), torch.tensor([0.025, 0.975], dtype=torch.float64)
+    cells = []
+    for k in ("score", *KEYS):
+        lo, hi = torch.quantile(ra[k] - rb[k], q).tolist()
+        cells.append(f"{a[k] - b[k]:+.1f} [{lo:+.1f}, {hi:+.1f}]")
+    return cells
+
+
+def sweep_report(result: dict, samples: int, seed: int) -> list[str]:
+    rows, memit = result["sweep"], result["sweep_memit"]
+    m = memit["edits"]
+    md = ["", f"JEEP settings at m = {m} (the first m counterfactual edits), and MEMIT on the same edits:", ""]
+    md += table([(r["name"], r) for r in rows] + [("MEMIT", memit)], "setting")
+    md += ["", "Each setting minus MEMIT (paired bootstrap, 95 % CI):", "",
+           "| setting | Score diff | efficacy diff | generalization diff | locality diff |", "|---|---|---|---|---|"]
+    idx = torch.randint(0, m, (samples, m), generator=torch.Generator().manual_seed(seed))
+    md += [f"| {r['name']} | " + " | ".join(diff_cells(r, memit, idx)) + " |" for r in rows]
+    return md
 
 
 def report(result: dict, args) -> list[str]:
@@ -228,6 +249,8 @@ def report(result: dict, args) -> list[str]:
         m = result["ablation"][0]["edits"]
         md += ["", f"Ablations (paper Table 4) at m = {m}:", ""]
         md += table([(r["name"], r) for r in result["ablation"]], "variant")
+    if result.get("sweep"):
+        md += sweep_report(result, args.bootstrap, args.seed)
     if result["variants"]:
         m = result["variants"][0]["edits"]
         md += ["", f"JEEP layer sets at m = {m}:", ""] + table([(r["name"], r) for r in result["variants"]], "layers")
@@ -245,6 +268,8 @@ def main() -> None:
     ap.add_argument("--variants", type=int, default=0, help="m for the JEEP layer-set sweep (0: skip)")
     ap.add_argument("--lows", nargs="*", default=[], help="low sets for --variants, e.g. 3,4,5,6,7")
     ap.add_argument("--highs", nargs="*", default=[], help="high sets for --variants, e.g. 23,24")
+    ap.add_argument("--sweep", type=int, default=0, help="m for the JEEP settings sweep (0: skip)")
+    ap.add_argument("--settings", nargs="*", default=[""], help="JEEP options per sweep row, k=v,k=v")
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -305,6 +330,18 @@ def run(args) -> dict:
                 print(f"  {name}", flush=True)
                 result["variants"].append({"name": name, **point(make("jeep", args, low=low, high=high), reqs,
                                                                   bench.style, args)})
+    if args.sweep:
+        reqs = bench.requests[: args.sweep]
+        print(f"settings sweep at m = {args.sweep}", flush=True)
+        result["sweep"] = []
+        for setting in args.settings:
+            opts = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in setting.split(",") if kv)}
+            high = opts.pop("high_layers", None)
+            print(f"  {setting or 'defaults'}", flush=True)
+            result["sweep"].append({"name": setting or "defaults", "options": opts, "high_layers": high or HIGH,
+                                    **point(make("jeep", args, high=high, **opts), reqs, bench.style, args)})
+        print("  memit", flush=True)
+        result["sweep_memit"] = point(make("memit", args), reqs, bench.style, args)
     result["seconds"] = time.perf_counter() - started
     return result
 

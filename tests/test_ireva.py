@@ -332,3 +332,43 @@ def test_calibrated_margins_never_fire_on_their_calibration_inputs(tiny_llama, t
             base = calib.model(**b).logits
         calib.withdraw([r.case_id for r in REQS[:2]])
         assert torch.equal(calib.model(**b).logits, base)
+
+
+@pytest.mark.parametrize("retrofit,c", [(False, 0.05), (True, 0.05), (False, -0.1)])
+def test_template_calibration_never_fires_on_the_edit_with_another_subject(tiny_llama, retrofit, c):
+    from dataclasses import replace
+
+    from editing.data.batch import EditBatch
+    from editing.tuners.kv_adaptor import standardize
+    plain = make(tiny_llama, alpha=2.0, retrofit=retrofit, theta=0.1)
+    calib = make(tiny_llama, alpha=2.0, retrofit=retrofit, theta=0.1, calibration="template",
+                 calibration_texts=8, calibration_margin=c)
+    for ed in (plain, calib):
+        ed.edit(EditBatch([REQS[0]], pool=REQS))
+    kv, pairs = calib.kv, calib.pairs(REQS[0])
+    assert kv.keys.shape[1] == len(pairs)
+    rows = [(j, p.input_ids) for s in ("Danielle Darrieux", "Alan Turing")
+            for j, p in enumerate(calib.pairs(replace(REQS[0], subject=s)))]
+    ids, mask, last = calib._pad([r for _, r in rows])
+    x = standardize(calib._states(ids, mask, last)[0])
+    owner = torch.tensor([j for j, _ in rows])
+    pre = (x * kv.keys[:, owner].T).sum(-1) - kv.shifts[owner]
+    sq = (kv.keys * kv.keys).sum(0)[owner]
+    assert torch.all(pre <= -c * sq + 1e-4)                               # silent on other subjects
+    pre_plain = (x * plain.kv.keys[:, owner].T).sum(-1) - plain.kv.shifts[owner]
+    assert float(pre_plain.max()) > 0                                    # θ 0.1 alone fires on them
+    assert torch.all(kv.shifts >= plain.kv.shifts - 1e-6)
+    # a neuron whose own input stands above its other-subject inputs still fires on it (on the tiny
+    # random model the subject barely moves the state, so some are silenced), and withdrawal stays exact
+    own_ids, own_mask, own_last = calib._pad([p.input_ids for p in pairs])
+    own = (standardize(calib._states(own_ids, own_mask, own_last)[0]) * kv.keys.T).sum(-1)
+    top = torch.full_like(own, -1e9).scatter_reduce(0, owner, pre + kv.shifts[owner], "amax")
+    separable = own > top + c * (kv.keys * kv.keys).sum(0)
+    assert separable.any() == (c < 0)       # a negative c lets the subject-specific part through
+    assert torch.all((own - kv.shifts)[separable] > 0) and torch.all((own - kv.shifts)[~separable] <= 0)
+    b = calib.tokenizer(UNRELATED, return_tensors="pt")
+    with torch.no_grad():
+        with calib.disabled():
+            base = calib.model(**b).logits
+        calib.withdraw([REQS[0].case_id])
+        assert torch.equal(calib.model(**b).logits, base)

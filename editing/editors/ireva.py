@@ -48,7 +48,7 @@ from editing.tuners.kv_adaptor import WithdrawMode, standardize
 from editing.validation import check_choice
 
 EvalMode = Literal["pairs", "sequence"]
-Calibration = Literal["none", "corpus"]
+Calibration = Literal["none", "corpus", "template"]
 # Activation families whose name the model config gives (layout.activation) -> the ACT2FN name used.
 _ACTIVATION_ALIASES = {"swish": "silu"}
 
@@ -77,7 +77,7 @@ class IReVa(Editor):
         oos_other, oos_bos, oos_subject: out-of-scope inputs per edit for L_irr (App. 10.7).
         oos_max_length: sampled texts get 2..oos_max_length new tokens (uniform, seeded).
         seed: seed of the out-of-scope sampling and of random initialisation.
-        calibration: "none" (the paper) or "corpus": the calibrated-margin variant of
+        calibration: "none" (the paper), "corpus" or "template": the calibrated-margin variants of
             `editing.editors.ireva_calibration` (`calibration_texts`, `calibration_margin`,
             `calibration_corpus`; docs/ireva.md).
     """
@@ -208,8 +208,9 @@ class IReVa(Editor):
                     losses.append(loss)
                 losses = torch.cat(losses)
             info["loss"] = float(losses.mean())
-        if self.hparams.calibration == "corpus":
-            info["calibrated"] = calibrate(self, self.num_neurons - len(pairs))
+        if self.hparams.calibration != "none":
+            pool = list(batch.pool) or list(self._seen) + list(requests)  # other subjects, as L_irr's prompts
+            info["calibrated"] = calibrate(self, self.num_neurons - len(pairs), requests, pool)
         self._seen.extend(requests)
         return info
 
