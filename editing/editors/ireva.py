@@ -49,8 +49,7 @@ from editing.validation import check_choice
 
 EvalMode = Literal["pairs", "sequence"]
 Calibration = Literal["none", "corpus", "template"]
-# Activation families whose name the model config gives (layout.activation) -> the ACT2FN name used.
-_ACTIVATION_ALIASES = {"swish": "silu"}
+_ACTIVATION_ALIASES = {"swish": "silu"}  # the model config's activation name -> the ACT2FN name used
 
 
 class IReVa(Editor):
@@ -209,7 +208,7 @@ class IReVa(Editor):
                 losses = torch.cat(losses)
             info["loss"] = float(losses.mean())
         if self.hparams.calibration != "none":
-            pool = list(batch.pool) or list(self._seen) + list(requests)  # other subjects, as L_irr's prompts
+            pool = list(batch.pool) or list(self._seen) + list(requests)  # other subjects: as L_irr's pool
             info["calibrated"] = calibrate(self, self.num_neurons - len(pairs), requests, pool)
         self._seen.extend(requests)
         return info
