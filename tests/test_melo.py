@@ -89,6 +89,27 @@ def test_undo_restores_blocks_and_database(make):
     assert ed.router.blocks_for(ed._queries(REQS[1:2])[0]) != [1]
 
 
+def test_withdrawing_one_edit_restores_its_prompt_exactly(make, tmp_path):
+    ed = make()
+    base_0 = logits(ed, [REQS[0].text])
+    ed.edit(REQS[:1])                                                # block 0
+    ed.edit(REQS[1:2])                                               # block 1
+    after_1 = logits(ed, [REQS[1].text])
+    assert ed.withdrawable_ids() == {REQS[0].case_id, REQS[1].case_id}
+    path = ed.save_edit(tmp_path / "melo-both")
+    assert ed.withdraw([REQS[0].case_id]) == 1
+    assert torch.equal(logits(ed, [REQS[0].text]), base_0)           # the withdrawn edit: the base, exactly
+    assert torch.equal(logits(ed, [REQS[1].text]), after_1)          # the other edit: untouched
+    assert ed.router.blocks_for(ed._queries(REQS[:1])[0]) == [-1]
+    assert ed.withdrawable_ids() == {REQS[1].case_id} and ed.withdraw(["nope"]) == 0
+    with pytest.raises(ValueError):
+        ed.undo()                                                    # the step history no longer applies
+    fresh = make()
+    fresh.load_edit(path)                                            # the edit file keeps each point's edit
+    assert fresh.withdraw(REQS[0].case_id) == 1
+    assert torch.equal(logits(fresh, [REQS[0].text]), base_0)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gptj", "gpt_neox"])
 def test_every_family(family, tiny_dirs, tmp_path):
     kw = dict(base_model=str(tiny_dirs[family]), router_layer=0, num_iter=10, edit_lr=1e-2, init_radius=1e-3,

@@ -15,6 +15,11 @@ another label → a new cluster (q, d/2 + 1e-5) and c split (ρ_c = d/2 − 1e-5
 dropped, a placeholder of no block if none remain). Then every request of the step trains block b:
 `num_iter` steps of Adam(edit_lr) with StepLR(20, 0.5), on the target-token NLL, only block b's
 tensors (the other blocks stay bit-identical). Labels are exact target ids.
+
+Per-edit withdrawal (not in MELO): every point records the edit it came from; `withdraw(case_ids)`
+removes those points (a cluster left empty gets a placeholder routing to no block) and keeps every
+centre, radius and block, so a withdrawn edit's prompt falls back to the unedited output exactly
+(unless another edit of the same label in its cluster claims it) and no other routing changes.
 """
 from __future__ import annotations
 
@@ -76,6 +81,7 @@ class MELO(SnapshotUndo, Editor):
         self.blocks = 0                              # blocks trained so far (block_0 exists from the start)
         self._init_block(0)
         self.labels: list[list[int]] = []            # each cluster's target ids
+        self.point_case: list[str | None] = []       # each database point's edit (None: a placeholder)
         for name, m in self.lora_modules():
             m.register_forward_pre_hook(self._routed, with_kwargs=True)
         for p in self.model.parameters():
@@ -136,7 +142,7 @@ class MELO(SnapshotUndo, Editor):
 
     def edit_meta(self) -> dict:
         return {"blocks": self.blocks, "labels": [list(l) for l in self.labels],
-                "points": int(self.router.point_keys.shape[0])}
+                "points": int(self.router.point_keys.shape[0]), "point_case": list(self.point_case)}
 
     def load_edit_meta(self, meta: dict) -> None:
         self.blocks = int(meta.get("blocks", 0))
@@ -144,12 +150,15 @@ class MELO(SnapshotUndo, Editor):
             self._init_block(b)
         self.labels = [list(l) for l in meta.get("labels", [])]
         self.router.resize(len(self.labels), int(meta.get("points", 0)))
+        self.point_case = list(meta.get("point_case", [None] * int(meta.get("points", 0))))
 
     def snapshot(self):
-        return (super().snapshot(), self.router.database(), [list(l) for l in self.labels], self.blocks)
+        return (super().snapshot(), self.router.database(), [list(l) for l in self.labels], self.blocks,
+                list(self.point_case))
 
     def restore(self, snap) -> None:
-        tensors, db, labels, blocks = snap
+        tensors, db, labels, blocks, self.point_case = snap
+        self.point_case = list(self.point_case)
         self.router.load_database(db)
         self.labels, self.blocks = [list(l) for l in labels], blocks
         self._init_block(blocks)                     # the block a failed step was training starts afresh
@@ -172,7 +181,7 @@ class MELO(SnapshotUndo, Editor):
         labels = [ids[m.bool()].tolist() for ids, m in zip(batch.target_ids, batch.target_mask)]
         return cap["q"].float(), labels
 
-    def _update_database(self, q: torch.Tensor, labels: list[list[int]], b: int) -> None:
+    def _update_database(self, q: torch.Tensor, labels: list[list[int]], b: int, cases: list[str]) -> None:
         r, rho0 = self.router, self.hparams.init_radius
         before = r.database()
         n_before = before["centres"].shape[0]
@@ -183,41 +192,60 @@ class MELO(SnapshotUndo, Editor):
                 c = int(d_all.argmin())
                 d = float(d_all[c])
             if not n_before or d > float(before["radii"][c]) + rho0:
-                self._new_cluster(qi, rho0, labels[i], b)
+                self._new_cluster(qi, rho0, labels[i], b, cases[i])
             elif labels[i] == self.labels[c]:
-                r.point_keys = torch.cat([r.point_keys, qi[None]])
-                r.point_block = torch.cat([r.point_block, torch.tensor([b], device=r.point_block.device)])
-                r.point_cluster = torch.cat([r.point_cluster, torch.tensor([c], device=r.point_cluster.device)])
+                self._point(qi, b, c, cases[i])
                 mine = r.point_cluster == c
                 r.centres[c] = r.point_keys[mine].mean(0)
                 r.radii[c] = max(float((r.point_keys[mine] - r.centres[c]).norm(dim=1).max()), rho0)
             else:
-                self._new_cluster(qi, d / 2 + 1e-5, labels[i], b)
+                self._new_cluster(qi, d / 2 + 1e-5, labels[i], b, cases[i])
                 r.radii[c] = d / 2 - 1e-5
                 mine = r.point_cluster == c
-                outside = mine & ((r.point_keys - r.centres[c]).norm(dim=1) > r.radii[c])
-                keep = ~outside
-                r.point_keys, r.point_block, r.point_cluster = r.point_keys[keep], r.point_block[keep], r.point_cluster[keep]
-                if not bool((r.point_cluster == c).any()):   # a placeholder: the centre, routing to no block
-                    self._point(r.centres[c], -1, c)
+                self._keep_points(~(mine & ((r.point_keys - r.centres[c]).norm(dim=1) > r.radii[c])))
 
-    def _new_cluster(self, q: torch.Tensor, radius: float, label: list[int], b: int) -> None:
+    def _new_cluster(self, q: torch.Tensor, radius: float, label: list[int], b: int, case: str) -> None:
         r = self.router
         r.centres = torch.cat([r.centres, q[None]])
         r.radii = torch.cat([r.radii, torch.tensor([radius], device=r.radii.device)])
         self.labels.append(list(label))
-        self._point(q, b, r.centres.shape[0] - 1)
+        self._point(q, b, r.centres.shape[0] - 1, case)
 
-    def _point(self, key: torch.Tensor, block: int, cluster: int) -> None:
+    def _point(self, key: torch.Tensor, block: int, cluster: int, case: str | None) -> None:
         r = self.router
         r.point_keys = torch.cat([r.point_keys, key[None]])
         r.point_block = torch.cat([r.point_block, torch.tensor([block], device=r.point_block.device)])
         r.point_cluster = torch.cat([r.point_cluster, torch.tensor([cluster], device=r.point_cluster.device)])
+        self.point_case.append(case)
+
+    def _keep_points(self, keep: torch.Tensor) -> None:
+        """Keep the points of the mask; a cluster left empty gets a placeholder (its centre, no block)."""
+        r = self.router
+        r.point_keys, r.point_block, r.point_cluster = r.point_keys[keep], r.point_block[keep], r.point_cluster[keep]
+        self.point_case = [c for c, k in zip(self.point_case, keep.tolist()) if k]
+        for c in sorted(set(range(r.centres.shape[0])) - set(r.point_cluster.tolist())):
+            self._point(r.centres[c], -1, c, None)
+
+    # --- per-edit withdrawal ---------------------------------------------------------------------------------
+    def withdrawable_ids(self) -> set[str]:
+        return {c for c in self.point_case if c is not None}
+
+    def withdraw(self, case_ids: list[str] | str) -> int:
+        """Remove the database points of the edits `case_ids` (blocks, centres and radii stay); returns
+        how many points were removed. The session's undo history no longer applies afterwards."""
+        ids = {case_ids} if isinstance(case_ids, str) else set(case_ids)
+        keep = torch.tensor([c not in ids for c in self.point_case], dtype=torch.bool,
+                            device=self.router.point_keys.device)
+        gone = int((~keep).sum())
+        if gone:
+            self._keep_points(keep)
+            self.__dict__["_undo_snapshots"] = []
+        return gone
 
     def apply_edit(self, batch: EditBatch) -> dict:
         h, b = self.hparams, self.blocks
         q, labels = self._queries(batch.requests)
-        self._update_database(q, labels, b)
+        self._update_database(q, labels, b, [r.case_id for r in batch.requests])
         self._init_block(b)
         params = self.block_parameters(b)
         for p in params:
