@@ -40,7 +40,7 @@ from editing.data.batch import EditBatch
 from editing.data.records import EditRequest, EvalCase
 from editing.data.samples import TokenPair, out_of_scope_samples, per_token_pairs
 from editing.editors.base import Editor
-from editing.editors.ireva_calibration import calibrate
+from editing.editors.ireva_calibration import calibrate, floors
 from editing.metrics import EditMetrics, ireva_scores  # noqa: F401  (ireva_scores: also imported from here)
 from editing.tokens import encode, pad_right
 from editing.tuners import KeyValueAdaptor
@@ -185,8 +185,10 @@ class IReVa(Editor):
         x, h_in = self._states(ids, mask, last, block_input=self.hparams.retrofit)
         x_hat = standardize(x)
         k0, v0, b = self._initial(x_hat, labels)
-        edit = [self._edit_index(p.case_id) for p in pairs]
-        token = [p.position for p in pairs]
+        pool = list(batch.pool) or list(self._seen) + list(requests)  # other subjects: as L_irr's pool
+        if self.hparams.calibration != "none":
+            b = torch.maximum(b, floors(self, k0.T, requests, pool))
+        edit, token = [self._edit_index(p.case_id) for p in pairs], [p.position for p in pairs]
         info = {"neurons_added": len(pairs)}
         if not self.hparams.retrofit:
             self.kv.append(k0, v0, b, edit, token)
@@ -208,7 +210,6 @@ class IReVa(Editor):
                 losses = torch.cat(losses)
             info["loss"] = float(losses.mean())
         if self.hparams.calibration != "none":
-            pool = list(batch.pool) or list(self._seen) + list(requests)  # other subjects: as L_irr's pool
             info["calibrated"] = calibrate(self, self.num_neurons - len(pairs), requests, pool)
         self._seen.extend(requests)
         return info
@@ -297,8 +298,7 @@ class IReVa(Editor):
         case_ids = [case_ids] if isinstance(case_ids, str) else list(case_ids)
         mode = mode or self.hparams.withdraw_mode
         check_choice("withdraw mode", mode, WithdrawMode)
-        unknown = [c for c in case_ids if c not in self.case_ids]
-        if unknown:
+        if unknown := [c for c in case_ids if c not in self.case_ids]:
             raise KeyError(f"no edit with case id(s) {unknown}")
         return self.kv.withdraw(torch.tensor([self.case_ids.index(c) for c in case_ids]), mode)
 

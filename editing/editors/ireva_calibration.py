@@ -16,8 +16,10 @@ The inputs come from one of two sources:
   These are the inputs closest to an edit's key that are out of its scope: SmolLM2's late-layer states
   at a prompt's last token are dominated by the template, not the subject (docs/ireva.md).
 
-So no neuron adds anything on any of its calibration inputs; margins are part of the bank, so
-withdrawal and disabling are unchanged.
+The initial margins are raised before retrofitting (so the values are trained at the margins they
+keep: raising a margin afterwards would also shrink the neuron's output on its own input), and again
+after it, since retrofitting moves the keys. So no neuron adds anything on any of its calibration
+inputs; margins are part of the bank, so withdrawal and disabling are unchanged.
 """
 from __future__ import annotations
 
@@ -81,20 +83,27 @@ def template_tops(editor, requests: list[EditRequest], pool: list[EditRequest], 
 
 
 @torch.no_grad()
+def floors(editor, keys: torch.Tensor, requests: list[EditRequest] | None, pool: list[EditRequest] | None) -> torch.Tensor:
+    """max_m k̂_jᵀx̂_m + c‖k̂_j‖² for the keys [d, n] of the step's new neurons (the step's pairs in order)."""
+    if editor.hparams.calibration == "template":
+        top = template_tops(editor, requests, pool, keys)
+    else:
+        top = (calibration_states(editor).to(keys) @ keys).max(0).values
+    return top + editor.hparams.calibration_margin * (keys * keys).sum(0)
+
+
+@torch.no_grad()
 def calibrate(editor, first: int, requests: list[EditRequest] | None = None,
               pool: list[EditRequest] | None = None) -> int:
     """Raise the margins of the editor's neurons `first`.. above every one of their calibration inputs
     (`requests`: the step's, whose pairs the new neurons serve in order; `pool`: where other subjects
-    come from); returns how many were raised."""
+    come from); returns how many were raised. (`IReVa` also raises the initial margins the same way
+    before retrofitting, so the values are trained at the margins they keep.)"""
     kv = editor.kv
     keys = kv.keys[:, first:]
     if keys.shape[1] == 0:
         return 0
-    if editor.hparams.calibration == "template":
-        top = template_tops(editor, requests, pool, keys)
-    else:
-        top = (calibration_states(editor).to(keys) @ keys).max(0).values                   # [n_new]
-    floor = top + editor.hparams.calibration_margin * (keys * keys).sum(0)
+    floor = floors(editor, keys, requests, pool)
     raised = floor > kv.shifts[first:]
     kv.shifts = torch.cat([kv.shifts[:first], torch.maximum(kv.shifts[first:], floor)])
     return int(raised.sum())
