@@ -1,7 +1,10 @@
 """Consecutive batch editing on SmolLM2-135M (COMEBA-HK, docs/specification.md §5.7): batches of
 `--batch` counterfactual edits applied one after another without rollback, evaluated on every edit made
 so far after every `--eval-every` edits. Methods: COMEBA-HK, MEMIT (consecutive batches, plain update
-written into the weights), COMEBA without hooks (the consecutive update written into the weights), FT-M.
+written into the weights), COMEBA without hooks (the consecutive update written into the weights), FT-M;
+and the editors of shipped configs (`lora`, `grace`, `melo`, `ft_l`, `ft_m` = configs/ft.yaml), each
+step being one batch of --batch requests (GRACE runs a step's requests as GRACE edits in order; MELO
+trains one block per step).
 
 Metrics as the paper defines them (EasyEdit): reliability = teacher-forced token accuracy of target_new
 on the edit prompt (rewrite_acc), generality = the same on paraphrases (paraphrase_acc), locality =
@@ -27,11 +30,13 @@ from pathlib import Path
 
 import torch
 
-from _common import sequence_parser
+from _common import editor_from_config, sequence_parser
 from editing.data import EvalCase, load_benchmark
 from editing.editors import COMEBA, FT, MEMIT
+from editing.editors.base import EditError
 from editing.editors.locate import fill
 
+CONFIGS = {"lora": "lora", "grace": "grace", "melo": "melo", "ft_l": "ft_l", "ft_m": "ft"}  # method -> configs/<name>.yaml
 COLUMNS = ("reliability", "generality", "locality", "average", "locality_prompt", "rewrite_win",
            "paraphrase_win", "neighborhood_win")
 
@@ -57,6 +62,8 @@ def make_editor(method: str, args):
         return MEMIT(**locate)
     if method == "ft":
         return FT(layers=[21], lr=5e-4, steps=25, objective="target_tokens", early_stop_loss=1e-2)
+    if method in CONFIGS:  # the shipped SmolLM2 config's editor (issue 18's adaptor baselines, FT-L)
+        return editor_from_config(CONFIGS[method], args.stats_samples, args.autocast)[0]
     raise ValueError(method)
 
 
@@ -156,10 +163,16 @@ def main() -> None:
     report = {"args": vars(args), "curves": {}, "edit_seconds": {}}
     for method in args.methods:
         ed = make_editor(method, args)
-        curve, done, seconds, t_start = [], 0, 0.0, time.perf_counter()
+        curve, done, seconds, t_start, refused = [], 0, 0.0, time.perf_counter(), []
         for s, batch in enumerate(steps):
-            info = ed.edit(batch)
-            seconds += info["seconds"]
+            t = time.perf_counter()
+            try:
+                info = ed.edit(batch)
+            except EditError as e:  # refused by the step checks and rolled back; its cases stay unedited
+                info = {}
+                refused.append(f"step {s}: {e.__cause__}")
+                print(f"{method} step {s} refused: {e.__cause__}", flush=True)
+            seconds += time.perf_counter() - t
             done += len(batch)
             if done % args.eval_every == 0 or s == len(steps) - 1:
                 m = paper_metrics(ed.evaluate(requests[:done], style=bench.style))
@@ -170,6 +183,7 @@ def main() -> None:
                       + f" ({time.perf_counter() - t_start:.0f} s)", flush=True)
         report["curves"][method] = curve
         report["edit_seconds"][method] = seconds
+        report.setdefault("refused", {})[method] = refused
         if isinstance(ed, COMEBA) and ed.hparams.hook:
             report.setdefault("zscores", {})[method] = zscore_analysis(ed, requests)
             report.setdefault("overhead", {})[method] = overhead(ed, requests, args.reps)
@@ -188,7 +202,7 @@ def merge(reports: list[dict]) -> dict:
             raise ValueError("the runs to merge differ in their settings")
     out = {"args": first["args"], "curves": {}, "edit_seconds": {}}
     for r in reports:
-        for part in ("curves", "edit_seconds", "zscores", "overhead"):
+        for part in ("curves", "edit_seconds", "zscores", "overhead", "refused"):
             out.setdefault(part, {}).update(r.get(part, {}))
     return out
 
@@ -201,6 +215,10 @@ def write_outputs(report: dict, out: Path) -> None:
         last = curve[-1]
         lines.append(f"| {method} | " + " | ".join(f"{last[k]:.1f}" for k in COLUMNS)
                      + f" | {report['edit_seconds'][method]:.0f} |")
+    refused = {m: len(r) for m, r in report.get("refused", {}).items() if r}
+    if refused:
+        lines += ["", "Steps refused by the step checks (rolled back, their cases evaluated unedited): "
+                  + ", ".join(f"{m} {n}" for m, n in refused.items()) + "."]
     lines += ["", "Curve (reliability / generality / locality after each evaluation):", "",
               "| edits | " + " | ".join(report["curves"]) + " |", "|---" * (len(report["curves"]) + 1) + "|"]
     edits = [p["edits"] for p in next(iter(report["curves"].values()))]
