@@ -83,8 +83,8 @@ def sizes(n: int, every: int = 1) -> list[int]:
 def make(method: str, args, low=None, high=None, **options):
     common = dict(stats_samples=args.stats_samples, v_autocast=args.autocast, mom2_update_weight=LAMBDA)
     if method == "jeep":
-        return JEEP(layers=low or LOW, high_layers=high or HIGH, high_mom2_update_weight=LAMBDA, **common,
-                    **options)
+        return JEEP(**{"layers": low or LOW, "high_layers": high or HIGH, "high_mom2_update_weight": LAMBDA,
+                       **common, **options})
     if method == "memit":
         return MEMIT(layers=LOW, **common)
     if method == "pmet":  # configs/pmet.yaml
@@ -270,6 +270,9 @@ def main() -> None:
     ap.add_argument("--highs", nargs="*", default=[], help="high sets for --variants, e.g. 23,24")
     ap.add_argument("--sweep", type=int, default=0, help="m for the JEEP settings sweep (0: skip)")
     ap.add_argument("--settings", nargs="*", default=[""], help="JEEP options per sweep row, k=v,k=v")
+    ap.add_argument("--sweep-reference", default=None,
+                    help="an earlier scaling run's JSON (same settings) whose JEEP and MEMIT points at m "
+                         "stand in for running the defaults and MEMIT again (the edits are deterministic)")
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -340,8 +343,15 @@ def run(args) -> dict:
             print(f"  {setting or 'defaults'}", flush=True)
             result["sweep"].append({"name": setting or "defaults", "options": opts, "high_layers": high or HIGH,
                                     **point(make("jeep", args, high=high, **opts), reqs, bench.style, args)})
-        print("  memit", flush=True)
-        result["sweep_memit"] = point(make("memit", args), reqs, bench.style, args)
+            Path(args.out).with_suffix(".partial.json").write_text(json.dumps(result, indent=1))
+        if args.sweep_reference:
+            ref = json.loads(Path(args.sweep_reference).read_text())
+            at = ref["sizes"].index(args.sweep)
+            result["sweep"].insert(0, {"name": "defaults (reference run)", **ref["curves"]["jeep"][at]})
+            result["sweep_memit"] = ref["curves"]["memit"][at]
+        else:
+            print("  memit", flush=True)
+            result["sweep_memit"] = point(make("memit", args), reqs, bench.style, args)
     result["seconds"] = time.perf_counter() - started
     return result
 
