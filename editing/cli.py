@@ -44,10 +44,12 @@ TRAINER_DEFAULTS = {
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 # Lightning warns about things that are deliberate here: no optimiser (editors optimise inside the
-# edit step), small "datasets" of edit steps, and a CPU-only machine.
+# edit step), small "datasets" of edit steps, a CPU-only machine, and the data module's validation
+# loader (used by trained editors only; editors that edit have no validation loop).
 for pattern in (r".*configure_optimizers.*returned `None`.*", r".*does not have many workers.*",
                 r".*GPU available but not used.*", r".*`training_step` returned `None`.*",
-                r".*The number of training batches.*", r".*Total length of .* across ranks is zero.*"):
+                r".*The number of training batches.*", r".*Total length of .* across ranks is zero.*",
+                r".*You passed in a `val_dataloader` but have no `validation_step`.*"):
     warnings.filterwarnings("ignore", message=pattern)
 
 
