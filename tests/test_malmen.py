@@ -11,7 +11,7 @@ from editing.editors import MALMEN
 from editing.editors.malmen import solve, solve_grads
 from tests.test_cli import cli
 from tests.test_locate import REQS
-from tests.test_mend import FIT, instances
+from tests.test_mend import FIT, ddp_and_one_process, instances
 
 
 @pytest.mark.parametrize("n", [3, 12])  # fewer rows than d_in (the n×n system) and more
@@ -101,3 +101,13 @@ def test_fit_then_test(tiny_llama, tmp_path):
     cli("test", *args, "--ckpt_path", edit, "--data.edit_batch_size", 4, "--trainer.default_root_dir", tmp_path / "test")
     [res] = [json.loads(p.read_text()) for p in (tmp_path / "test").rglob("results.json")]
     assert res["method"] == "malmen" and res["num_edits"] == 4 and res["edit_batch_size"] == 4
+
+
+def test_ddp_training_equals_one_process(tiny_llama, tmp_path):
+    """As MEND's: DDP on two CPU processes with one 2-edit instance each trains the editor that one
+    process trains with both instances in its batch (to 1e-5)."""
+    a, _ = ddp_and_one_process(tmp_path, "--config", "configs/malmen.yaml", "--model.init_args.base_model", tiny_llama,
+                               "--model.init_args.rank", 8, "--model.init_args.layers", "[1, 2]", *FIT[4:],
+                               "--data.meta_edits", 2, "--model.init_args.lr", 1e-3)
+    init = MALMEN(base_model=tiny_llama, rank=8, layers=[1, 2]).state_dict()
+    assert any(not torch.equal(a[k], init[k]) for k in a if k in init and a[k].is_floating_point())  # it trained

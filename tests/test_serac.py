@@ -13,7 +13,7 @@ from editing.editors import SERAC, NoEdit
 from editing.editors.base import EditError
 from tests.test_cli import cli
 from tests.test_locate import REQS
-from tests.test_mend import FIT
+from tests.test_mend import FIT, ddp_and_one_process
 
 
 def scores(ed, prompts, targets):
@@ -97,3 +97,12 @@ def test_fit_then_test_edits_held_out_relations(tiny_llama, tmp_path):
     cli("test", *args, "--ckpt_path", edit, "--trainer.default_root_dir", tmp_path / "test")
     [res] = [json.loads(p.read_text()) for p in (tmp_path / "test").rglob("results.json")]
     assert res["method"] == "serac" and res["num_edits"] == 4
+
+
+def test_ddp_training_equals_one_process(tiny_llama, tmp_path):
+    """As MEND's: the scope classifier trained under DDP on two CPU processes equals one process's with
+    the same global batch (to 1e-5)."""
+    a, _ = ddp_and_one_process(tmp_path, "--config", "configs/serac.yaml", "--model.init_args.base_model", tiny_llama,
+                               *FIT[4:])
+    init = SERAC(base_model=tiny_llama).state_dict()
+    assert any(not torch.equal(a[k], init[k]) for k in a if k in init and a[k].is_floating_point())  # it trained
