@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from _common import editor_from_config, sequence_parser
 from editing.data import EvalCase, load_benchmark
@@ -42,7 +43,12 @@ COLUMNS = ("reliability", "generality", "locality", "average", "locality_prompt"
 
 
 def make_editor(method: str, args):
-    """`method`, optionally with "@<lambda>" (e.g. comeba_hk@5000) to override λ."""
+    """`method`, optionally with "@<lambda>" (e.g. comeba_hk@5000) to override λ, or for a config's
+    editor ":key=value,..." overrides (e.g. lora:lr=1e-4)."""
+    method, _, over = method.partition(":")
+    if method in CONFIGS:  # the shipped SmolLM2 config's editor (issue 18's adaptor baselines, FT-L)
+        kw = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in over.split(",") if kv)}
+        return editor_from_config(CONFIGS[method], args.stats_samples, args.autocast, **kw)[0]
     method, _, lam = method.partition("@")
     locate = dict(layers=args.layers, mom2_update_weight=float(lam or args.lam), stats_samples=args.stats_samples,
                   v_autocast=args.autocast, v_steps=args.v_steps, template_spec=[args.templates])
@@ -62,8 +68,6 @@ def make_editor(method: str, args):
         return MEMIT(**locate)
     if method == "ft":
         return FT(layers=[21], lr=5e-4, steps=25, objective="target_tokens", early_stop_loss=1e-2)
-    if method in CONFIGS:  # the shipped SmolLM2 config's editor (issue 18's adaptor baselines, FT-L)
-        return editor_from_config(CONFIGS[method], args.stats_samples, args.autocast)[0]
     raise ValueError(method)
 
 
@@ -186,6 +190,9 @@ def main() -> None:
         report.setdefault("refused", {})[method] = refused
         if isinstance(ed, COMEBA) and ed.hparams.hook:
             report.setdefault("zscores", {})[method] = zscore_analysis(ed, requests)
+        if (isinstance(ed, COMEBA) and ed.hparams.hook) or method.split(":")[0] in ("lora", "grace", "melo"):
+            # edit modules that act at inference (hooks, adaptor, codebook, router + blocks): the
+            # same editor with its edits acting vs `disabled()` (= the unedited model)
             report.setdefault("overhead", {})[method] = overhead(ed, requests, args.reps)
             print(json.dumps(report["overhead"][method]), flush=True)
         del ed
@@ -241,8 +248,8 @@ def write_outputs(report: dict, out: Path) -> None:
         lines.append(f"\nz-score at the subject's last token of the edit prompts, layer {sl['layer']}: "
                      f"median {sl['median']:.2f}, min {sl['min']:.2f}.")
     for method, ov in report.get("overhead", {}).items():
-        lines += ["", f"Inference overhead of the hooks ({method}, same editor, hooks on vs disabled, median of "
-                      f"{report['args']['reps']}):", ""]
+        lines += ["", f"Inference overhead of the edit modules ({method} after the last step, same editor, edits "
+                      f"acting vs disabled, median of {report['args']['reps']}):", ""]
         for name, v in ov.items():
             lines.append(f"- {name}: {v['hooks_s'] * 1000:.0f} ms vs {v['base_s'] * 1000:.0f} ms, "
                          f"ratio {v['ratio']:.2f}")

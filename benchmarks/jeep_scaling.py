@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -336,9 +337,14 @@ def run(args) -> dict:
     if args.sweep:
         reqs = bench.requests[: args.sweep]
         print(f"settings sweep at m = {args.sweep}", flush=True)
-        result["sweep"] = []
+        partial = Path(args.out).with_suffix(".partial.json")  # an interrupted sweep resumes
+        result["sweep"] = json.loads(partial.read_text())["sweep"] if partial.exists() else []
+        done = {r["name"] for r in result["sweep"]}
         for setting in args.settings:
-            opts = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in setting.split(",") if kv)}
+            if (setting or "defaults") in done:
+                continue
+            parts = re.split(r",(?![^\[]*\])", setting)   # commas inside [..] belong to a list
+            opts = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in parts if kv)}
             high = opts.pop("high_layers", None)
             print(f"  {setting or 'defaults'}", flush=True)
             result["sweep"].append({"name": setting or "defaults", "options": opts, "high_layers": high or HIGH,
@@ -347,6 +353,7 @@ def run(args) -> dict:
         if args.sweep_reference:
             ref = json.loads(Path(args.sweep_reference).read_text())
             at = ref["sizes"].index(args.sweep)
+            result["sweep"] = [r for r in result["sweep"] if r["name"] != "defaults (reference run)"]
             result["sweep"].insert(0, {"name": "defaults (reference run)", **ref["curves"]["jeep"][at]})
             result["sweep_memit"] = ref["curves"]["memit"][at]
         else:
