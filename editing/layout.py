@@ -228,16 +228,72 @@ class Layout:
         finally:
             setattr(parent, attr, full)
 
-    def run_from(self, start: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    @contextmanager
+    def attention(self, implementation: str):
+        """Within the context the model's attention runs as `implementation` ("eager", "sdpa", ...;
+        where the installed transformers can switch it on a loaded model). Eager attention is the
+        fast one for many short rows with gradients on a CPU: PyTorch's flash-attention backward
+        under bfloat16 autocast there costs more than the matmuls of the whole block."""
+        before = getattr(self.config, "_attn_implementation", None)
+        switch = getattr(self.model, "set_attn_implementation", None)
+        if switch is None or before is None or before == implementation:
+            yield
+            return
+        try:
+            switch(implementation)
+        except (ValueError, ImportError):   # a model that cannot switch: as it is
+            yield
+            return
+        try:
+            yield
+        finally:
+            switch(before)
+
+    def run_from(self, start: int, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                 prefix: "Prefix | None" = None) -> torch.Tensor:
         """The final-normed hidden states [B, S, d] computed from the input of block `start` (the
         residual stream h^{start-1}), running only blocks start..end: the truncated forward of edits
-        whose changes begin at block `start`. Positions are 0..S-1 (right padding)."""
+        whose changes begin at block `start`. Positions are 0..S-1 (right padding); with `prefix`
+        (`Layout.prefix`), `hidden` continues each row's cached prefix: its positions are
+        prefix.lengths + 0..S-1, and it attends to the prefix's real positions through their cached
+        keys and values (blocks start..end), so only these S positions are computed."""
+        if prefix is None:
+            pos = torch.arange(hidden.shape[1], device=hidden.device)[None]
+            cache, mask = None, attention_mask
+        else:
+            if prefix.start != self.layer_index(start):
+                raise ValueError(f"the prefix was cached from block {prefix.start}, not {start}")
+            pos = prefix.lengths[:, None] + torch.arange(hidden.shape[1], device=hidden.device)
+            cache, mask = prefix.cache(self.num_layers), torch.cat([prefix.mask, attention_mask], 1)
+        return self._backbone_from(start, hidden, mask, pos, cache)[0]
+
+    def prefix(self, start: int, hidden: torch.Tensor, attention_mask: torch.Tensor,
+               lengths: torch.Tensor) -> "Prefix":
+        """Keys and values of blocks start..end over positions 0..P-1 of `hidden` [B, P, d] (the input
+        of block `start`, right padded as `attention_mask`), of which the first `lengths` [B] of each
+        row are its prefix: what `run_from(start, ..., prefix=)` attends to. Computed once, without
+        gradients; nothing at a later position can change them (causal attention)."""
+        pos = torch.arange(hidden.shape[1], device=hidden.device)[None]
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        with torch.no_grad():
+            self._backbone_from(start, hidden, attention_mask, pos, cache, use_cache=True)
+        i = self.layer_index(start)
+        kv = [_layer_kv(cache, j) for j in range(i, self.num_layers)]
+        return Prefix(i, kv, lengths.to(hidden.device))
+
+    def _backbone_from(self, start: int, hidden: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                       cache, use_cache: bool = False):
         embeds = hidden
         if self.family.position_embed is not None:  # the backbone will add them again
-            pos = torch.arange(hidden.shape[1], device=hidden.device)
             embeds = hidden - _get(self.model, self.family.position_embed)(pos).to(hidden.dtype)
+        kw = {} if cache is None else {_cache_kwarg(self.backbone): cache}
+        if cache is not None or pos.shape[0] > 1:
+            kw["position_ids"] = pos.expand(hidden.shape[0], -1)
         with self.blocks_from(start):
-            return self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)[0]
+            return self.backbone(inputs_embeds=embeds, attention_mask=mask,
+                                 use_cache=use_cache or cache is not None, **kw)
 
     # --- weights -----------------------------------------------------------------------------
     def mlp_out_weight(self, layer: int) -> torch.Tensor:
@@ -246,6 +302,51 @@ class Layout:
 
     def mlp_key_size(self, layer: int) -> int:
         return self.mlp_out_weight(layer).shape[1]
+
+
+@dataclass
+class Prefix:
+    """Cached keys and values of blocks `start`.. over each row's first `lengths` positions
+    (`Layout.prefix`). `rows(idx)` selects rows (and trims the padding no selected row needs)."""
+
+    start: int
+    kv: list[tuple[torch.Tensor, torch.Tensor]]   # per block from `start`: [B, heads, P, head_dim] each
+    lengths: torch.Tensor                          # [B]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[B, P]: 1 at each row's prefix positions."""
+        width = self.kv[0][0].shape[-2]
+        return (torch.arange(width, device=self.lengths.device)[None] < self.lengths[:, None]).long()
+
+    def rows(self, idx: torch.Tensor) -> "Prefix":
+        lengths = self.lengths[idx]
+        width = max(int(lengths.max()), 1) if len(lengths) else 1
+        return Prefix(self.start, [(k[idx, :, :width], v[idx, :, :width]) for k, v in self.kv], lengths)
+
+    def cache(self, num_layers: int):
+        """A fresh `DynamicCache` holding the prefix (the blocks below `start` hold the first cached
+        block's tensors as placeholders, so that the cache reports the prefix length to the mask
+        and position logic; they never run). Updating it concatenates, so `kv` stays as it is."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for j in range(num_layers):
+            k, v = self.kv[max(j - self.start, 0)]
+            cache.update(k, v, j)
+        return cache
+
+
+def _layer_kv(cache, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(cache, "layers"):            # transformers >= 4.56
+        return cache.layers[j].keys, cache.layers[j].values
+    return cache.key_cache[j], cache.value_cache[j]
+
+
+def _cache_kwarg(backbone: nn.Module) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
 
 
 def base_layer(module: nn.Module) -> nn.Module:

@@ -136,3 +136,85 @@ def test_checkpoint_and_failed_step(tiny_llama, tmp_path, fail_closed_form):
     for l in ed.layers:
         assert torch.equal(ed._weight(l), edited[l])
     assert len(ed.history.steps) == 1
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gptj", "gpt_neox", "gpt_neox_seq", "llama"])
+def test_cached_prefix_forward_equals_whole_rows(tiny_dirs, family):
+    """Layout.prefix + run_from(prefix=) over each row's positions from s on gives the states the
+    whole-row forward gives there, on every family (rotary and absolute positions, GQA, parallel)."""
+    from editing import hooks
+    from editing.models import load
+
+    model, _ = load(str(tiny_dirs[family]))
+    from editing.layout import Layout
+    lay = Layout(model)
+    torch.manual_seed(0)
+    ids = torch.randint(5, 300, (3, 12))
+    lens = torch.tensor([12, 9, 7])
+    mask = (torch.arange(12)[None] < lens[:, None]).long()
+    start = 1
+    with torch.no_grad(), hooks.capture({"h": lay.block(start)}, "input") as cap:
+        whole = lay.backbone(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+    h = cap["h"]
+    s = torch.tensor([5, 0, 4])          # a row with an empty prefix too
+    P = int(s.max())
+    prefix = lay.prefix(start, h[:, :P], mask[:, :P], s)
+    width = int((lens - s).max())
+    idx = (s[:, None] + torch.arange(width)[None]).clamp(max=11)
+    x = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
+    sub = (torch.arange(width)[None] < (lens - s)[:, None]).long()
+    with torch.no_grad():
+        out = lay.run_from(start, x, sub, prefix=prefix)
+        picked = lay.run_from(start, x[[0, 2]], sub[[0, 2]], prefix=prefix.rows(torch.tensor([0, 2])))
+    for r in range(3):
+        n = int(lens[r] - s[r])
+        torch.testing.assert_close(out[r, :n], whole[r, s[r]:lens[r]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(picked[1, :3], whole[2, 4:7], atol=1e-5, rtol=1e-5)
+    assert prefix.kv[0][0].shape[-2] == P   # the cache itself is never extended by a step
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox"])
+def test_targets_with_cached_prefix_equal_whole_rows(tiny_dirs, family):
+    """The prefix-cached optimisation equals the whole-row truncated one and the full reference path
+    to 1e-5, and optimising requests in groups of one equals optimising them together. In float64:
+    Adam's first step is lr·sign(g), so float32 rounding in a near-zero gradient component can flip
+    it and grow past 1e-5 between any two orders of summation (the whole-row and full paths too)."""
+    ed = MEMIT(base_model=str(tiny_dirs[family]), layers=[0, 1], **FAST)   # block 2 above the delta
+    ed.model.double()
+    flat = ed.templates()
+    cfg = ed.target_config()
+    cached = compute_targets(ed.layout, ed.tokenizer, REQS, cfg, flat)
+    cfg_whole = ed.target_config()
+    cfg_whole.prefix_cache = False
+    whole = compute_targets(ed.layout, ed.tokenizer, REQS, cfg_whole, flat)
+    full = compute_targets(ed.layout, ed.tokenizer, REQS, cfg, flat, truncated=False)
+    for other in (whole, full):
+        torch.testing.assert_close(cached.z["block"], other.z["block"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cached.loss, other.loss, atol=1e-5, rtol=1e-5)
+        assert cached.steps == other.steps
+    assert ed.model.config._attn_implementation == "sdpa"   # eager only inside the optimisation
+    cfg.request_batch = 1
+    one_by_one = compute_targets(ed.layout, ed.tokenizer, REQS, cfg, flat)
+    torch.testing.assert_close(cached.z["block"], one_by_one.z["block"], atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_cache_skipped_under_whole_sequence_edit_modules(tiny_llama, monkeypatch):
+    """An injected edit module that looks at whole sequences above the delta's layer turns the prefix
+    cache off (the rows then run whole); a position-wise one does not."""
+    from editing.editors.locate import targets as T
+    from editing.tuners import DeltaLinear, HookLayer
+
+    ed = MEMIT(base_model=tiny_llama, layers=[1], **FAST)
+    calls = []
+    real = ed.layout.prefix
+    monkeypatch.setattr(ed.layout, "prefix", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert T.position_wise_from(ed.layout, 1)
+    ed.layout.inject(2, "mlp_out", lambda base: DeltaLinear(base))
+    assert T.position_wise_from(ed.layout, 1)
+    compute_targets(ed.layout, ed.tokenizer, REQS[:1], ed.target_config(), ed.templates())
+    assert calls == [1]
+    monkeypatch.setattr(DeltaLinear, "position_wise", False)
+    assert not T.position_wise_from(ed.layout, 1) and not T.position_wise_from(ed.layout, 2)
+    compute_targets(ed.layout, ed.tokenizer, REQS[:1], ed.target_config(), ed.templates())
+    assert calls == [1]
+    assert HookLayer.position_wise is False

@@ -21,6 +21,9 @@ class EditLayer(nn.Module):
     """Base of the injected edit modules: subclasses implement `edit(x, out) -> new out | None`."""
 
     mergeable = False
+    # Whether each position's output depends on that position's input alone (what a cached prefix
+    # needs, `editing.editors.locate.targets`); False for edits that look at whole sequences.
+    position_wise = True
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()

@@ -27,6 +27,7 @@ Replacement = Literal["last", "prompt", "all"]
 
 
 class Codebook(EditLayer):
+    position_wise = False   # routes on each row's last prompt token
     def __init__(self, base_layer: nn.Module, d_in: int, d_out: int, replacement: Replacement = "last",
                  cache: CacheTracker | None = None):
         super().__init__(base_layer)

@@ -51,6 +51,7 @@ class HookLayer(EditLayer):
     """Args: the wrapped projection; `mask`: the backbone's `MaskTracker` (real positions of the
     current forward); `alpha`: the current threshold (called at every forward); `exclude_first`:
     leave each sequence's first real position out; `ddof`: 0 population, 1 sample deviation."""
+    position_wise = False   # z-scores over each sequence
 
     def __init__(self, base_layer: nn.Module, mask: MaskTracker, alpha: Callable[[], float],
                  exclude_first: bool = False, ddof: int = 0):

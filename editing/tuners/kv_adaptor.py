@@ -41,6 +41,7 @@ class Acting:
 
 
 class KeyValueAdaptor(EditLayer):
+    position_wise = False   # acts at the input's last position
     def __init__(self, base_layer: nn.Module, hidden_size: int, act: Callable, alpha: float,
                  margin: bool = True, max_pooling: bool = True, withdraw_mode: WithdrawMode = "zero",
                  gate: bool = False):

@@ -28,6 +28,7 @@ def block_name(b: int) -> str:
 
 
 class Router(EditLayer):
+    position_wise = False   # routes on each row's last prompt token
     def __init__(self, base_layer: nn.Module, dim: int, cache: CacheTracker | None = None):
         super().__init__(base_layer)
         self.cache = cache   # whether the forward continues a KV cache (None: never a decoding step)
