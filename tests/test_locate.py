@@ -218,3 +218,27 @@ def test_prefix_cache_skipped_under_whole_sequence_edit_modules(tiny_llama, monk
     compute_targets(ed.layout, ed.tokenizer, REQS[:1], ed.target_config(), ed.templates())
     assert calls == [1]
     assert HookLayer.position_wise is False
+
+
+def test_scoring_in_length_order_returns_case_order(tiny_llama):
+    """score_prompts runs its chunks sorted by length and gives every statistic back in case order:
+    chunks of 3 prompts equal one chunk of all of them."""
+    from editing.data.records import EvalCase
+    from editing.editors import NoEdit
+    from editing.evaluation import score_prompts
+
+    reqs = [EditRequest(r.case_id, r.prompt, r.subject, r.target_new, r.target_true,
+                        paraphrase_prompts=[f"Long ago, in short, {r.prompt.format(r.subject)}"],
+                        neighborhood_prompts=["Paris is a", "The Eiffel Tower is located in the city of"])
+            for r in REQS]
+    cases = [EvalCase.from_request(r, i) for i, r in enumerate(reqs)]
+    ed = NoEdit(base_model=tiny_llama)
+    one = score_prompts(ed, cases, batch_size=1000)
+    small = score_prompts(ed, cases, batch_size=3)
+    assert small.kinds == one.kinds == [p.kind for c in cases for p in c.prompts]
+    assert small.groups.tolist() == one.groups.tolist() == [c.index for c in cases for p in c.prompts]
+    assert torch.equal(small.mask, one.mask)
+    for key in ("correct", "pred", "base_pred"):   # at the target positions (the padding is the chunk's)
+        assert torch.equal(getattr(small, key)[one.mask], getattr(one, key)[one.mask]), key
+    torch.testing.assert_close(small.target_logprob, one.target_logprob, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(small.contrast_logprob, one.contrast_logprob, atol=1e-5, rtol=1e-5, equal_nan=True)
