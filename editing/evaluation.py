@@ -22,7 +22,7 @@ from editing.data.records import EvalCase
 from editing.io import write_json_atomic, write_text_atomic
 from editing.definitions import GEN_HEADLINE_KEYS, HEADLINE_KEYS
 from editing.metrics import EditMetrics, PromptStats, prompt_values
-from editing.tokens import encode
+from editing.tokens import encode, join
 from editing.drift import DRIFT_LENGTH, drift_texts, perplexity, unedited_perplexity  # noqa: F401
 from editing.generation import (HIT_KINDS, generate, generate_ids, generation_values,  # noqa: F401
                                 normalize_answer, starts_with_answer)
@@ -88,10 +88,12 @@ def score_prompts(editor, cases: list[EvalCase], batch_size: int = 64, unedited:
     (returned second; its locality forward is the one the edited statistics compare against, and an
     editor holding no edit reuses its own), for the console's edited-versus-unedited table."""
     items = [(c.index, p) for c in cases for p in c.prompts]
-    # Chunks of similar length (little padding: on the shipped counterfactual cases the padded
-    # tokens fall from 1.7x to 1.05x the real ones); the statistics come back in case order.
-    order = sorted(range(len(items)), key=lambda i: len(items[i][1].prompt) + max(
-        len(items[i][1].target), len(items[i][1].contrast or "")))
+    # Chunks of similar token length, so little is spent on padding (32 shipped counterfactual cases
+    # at a time: 1.17x the real tokens instead of 1.75x); the statistics come back in case order.
+    ids = editor.tokenizer([join(p.prompt, p.target) for _, p in items] +
+                           [join(p.prompt, p.contrast or "") for _, p in items])["input_ids"]
+    n_items = len(items)
+    order = sorted(range(n_items), key=lambda i: max(len(ids[i]), len(ids[n_items + i])))
     items = [items[i] for i in order]
     chunk = max(1, batch_size)
     no_edit = not editor.edit_log
@@ -292,7 +294,7 @@ def evaluate(editor, cases: list, style: str = "counterfact") -> dict:
     the editor's own derived scores (e.g. iReVa's ES/PS/NS)."""
     cases = [c if isinstance(c, EvalCase) else EvalCase.from_request(c, i) for i, c in enumerate(cases)]
     ev = Evaluation(editor, style)
-    chunk = max(1, editor.hparams.forward_batch_size // 8)
+    chunk = max(1, editor.hparams.forward_batch_size // 2)   # cases per update (sorted by length inside)
     for s in range(0, len(cases), chunk):
         ev.update(cases[s:s + chunk])
     values = ev.compute()

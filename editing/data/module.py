@@ -79,7 +79,8 @@ class EditDataModule(pl.LightningDataModule):
         shuffle: pick `num_edits` requests at random (seeded) instead of the first ones.
         edit_batch_size: requests per edit step: 1 = sequential editing, N = consecutive batches of N
             without rollback, -1 = all requests in one step.
-        eval_batch_size: evaluation cases per test batch.
+        eval_batch_size: evaluation cases per test batch (their prompts are scored in chunks sorted by
+            length: larger batches pad less, smaller ones update the progress bar more often).
         prompt_suffix: appended to every edit, paraphrase, neighbourhood and locality prompt, e.g.
             iReVa's zsRE trigger " Answer:" (None: the prompts as read).
         prompts: what `predict` asks the model: a prompt, a list of prompts, or a file (.txt: one
@@ -96,7 +97,7 @@ class EditDataModule(pl.LightningDataModule):
 
     def __init__(self, path: str | None = None, format: Format | None = None, kind: Kind = "counterfactual",
                  split: str = "train", num_edits: int = 50, seed: int = 0, shuffle: bool = False,
-                 edit_batch_size: int = 1, eval_batch_size: int = 8, prompt_suffix: str | None = None,
+                 edit_batch_size: int = 1, eval_batch_size: int = 32, prompt_suffix: str | None = None,
                  prompts: list[str] | str | None = None, relations: Literal["all", "held_out"] = "all",
                  train_path: str | None = None, split_seed: int = 0, meta_edits: int = 1, meta_batch_size: int = 1,
                  val_instances: int = 50):
