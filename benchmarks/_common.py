@@ -42,3 +42,18 @@ def editor_from_config(method: str, stats_samples: int | None = None, autocast: 
                 kwargs[key] = 1 if key == "layer" else 0
     kwargs.update(overrides)
     return cls(**kwargs), (config.get("data") or {}).get("edit_batch_size", 1)
+
+
+def save_results(out, text: str, payload: dict) -> None:
+    """<out>.md (the table, then the command that made it, as run from the repository root) and
+    <out>.json (`payload`)."""
+    import json
+    import shlex
+    import sys
+    from pathlib import Path
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *map(shlex.quote, sys.argv[1:])])
+    out.with_suffix(".md").write_text(f"{text}\n\n`{cmd}`\n")
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1))

@@ -14,9 +14,10 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+
+from _common import save_results
 
 PARTS = ("statistics", "targets", "keys", "solve", "evaluation")
 
@@ -99,12 +100,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = (f"python benchmarks/scale.py --sizes {' '.join(map(str, args.sizes))} --stats-samples "
-               f"{args.stats_samples} --threads {args.threads} --out {args.out}")
-        out.with_suffix(".md").write_text(text + f"\n\n`{cmd}`\n")
-        out.with_suffix(".json").write_text(json.dumps(dict(args=vars(args), rows=rows), indent=1))
+        save_results(args.out, text, dict(args=vars(args), rows=rows))
 
 
 if __name__ == "__main__":

@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
-from _common import editor_from_config
+from _common import editor_from_config, save_results
 from editing.data import EvalCase, load_benchmark
 from editing.evaluation import evaluate
 
@@ -87,12 +86,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = (f"python benchmarks/stats_sweep.py --methods {' '.join(args.methods)} --n {args.n} --sizes "
-               f"{' '.join(args.sizes)} --threads {args.threads} --autocast {args.autocast} --out {args.out}")
-        out.with_suffix(".md").write_text(text + f"\n\n`{cmd}`\n")
-        out.with_suffix(".json").write_text(json.dumps(dict(args=vars(args), rows=rows), indent=1))
+        save_results(args.out, text, dict(args=vars(args), rows=rows))
 
 
 if __name__ == "__main__":

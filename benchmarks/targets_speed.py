@@ -22,13 +22,12 @@ exp(−NLL)), and each request's final loss as its own path computed it. Finally
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
+from _common import save_results
 from editing import hooks
 from editing.data import load_benchmark
 from editing.editors import MEMIT
@@ -114,13 +113,8 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(text + "\n\n`python benchmarks/targets_speed.py "
-                                          f"--n {args.n} --layer {args.layer} --steps {args.steps} "
-                                          f"--threads {args.threads} --out {args.out}`\n")
-        out.with_suffix(".json").write_text(json.dumps(dict(args=vars(args), rows=rows, early_stop=dict(
-            seconds=early_s, steps=early.steps, mean_loss=float(early.loss.mean()))), indent=1))
+        save_results(args.out, text, dict(args=vars(args), rows=rows, early_stop=dict(
+            seconds=early_s, steps=early.steps, mean_loss=float(early.loss.mean()))))
 
 
 if __name__ == "__main__":
