@@ -7,12 +7,19 @@ transformers release's rounding into a different edit (memit_llama moved by 18 %
 recording only holds on the machine that made it. In float64 that rounding is ~1e-16 and no
 decision flips.
 
-`tests/data/exact_weights.safetensors` was recorded from the code before the core became a package
-(commit 83ddeee, this file's `edited_weights` run there) with
+`tests/data/exact_weights.safetensors` was first recorded from the code before the core became a
+package (commit 83ddeee, this file's `edited_weights` run there) with
 `RECORD_EXACT_WEIGHTS=1 python -m pytest tests/test_exact_weights.py`; the refactored code
-reproduced every tensor bit for bit on the recording machine. The comparison allows 1e-9
-(a 1e-13 relative perturbation of the tiny models' weights moves comeba_gpt2, the most sensitive
-case, by 4e-10; any change to the math moves weights by far more; EXACT_WEIGHTS_BITWISE=1: none)."""
+reproduced every tensor bit for bit on the recording machine. It was recorded again (1 thread) when
+the target optimisation began to run a float64 model's deltas, Adam and loss in float64 (they were
+float32 before, so these float64 tests carried float32 rounding into the edits) and to compute only
+the positions from each delta on (the prefix cached; `tests/test_locate.py` shows that path equal
+to whole rows and to the full reference to 1e-5): against the first recording the new code moved 7
+of the 9 cases by 1e-8 to 3e-4 relative, and memit_llama and comeba_gpt2, the two cases whose
+early Adam steps sit on near-zero gradients, by their whole size. The comparison allows 1e-8 (the
+torch thread count alone moves jeep_low_llama by 1.7e-9, and a 1e-13 relative perturbation of the
+tiny models' weights moves comeba_gpt2 by 4e-10; any change to the math moves weights by far more;
+EXACT_WEIGHTS_BITWISE=1: none)."""
 import os
 from pathlib import Path
 
@@ -25,7 +32,7 @@ from tests.test_locate import REQS, with_stats
 
 DATA = Path(__file__).parent / "data" / "exact_weights.safetensors"
 RECORD = os.environ.get("RECORD_EXACT_WEIGHTS") == "1"
-TOL = dict(rtol=0, atol=0) if os.environ.get("EXACT_WEIGHTS_BITWISE") == "1" else dict(rtol=1e-7, atol=1e-9)
+TOL = dict(rtol=0, atol=0) if os.environ.get("EXACT_WEIGHTS_BITWISE") == "1" else dict(rtol=1e-7, atol=1e-8)
 FAST = dict(template_spec=[[3, 2]], v_steps=8, v_lr=0.5, mom2_update_weight=1.0)
 
 CASES = {
