@@ -113,6 +113,23 @@ def encode(tokenizer, prompts: list[str], targets: list[str | None] | None = Non
                        target_positions, torch.tensor(span_last) if spans is not None else None)
 
 
+def length_chunks(lengths: torch.Tensor, budget: int, rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """`rows` (default: all) sorted by `lengths` in consecutive chunks of at most `budget` positions
+    once padded to the chunk's longest row (at least one row each): little is spent on padding and
+    the memory of one forward is bounded."""
+    rows = torch.arange(len(lengths), device=lengths.device) if rows is None else rows
+    rows = rows[torch.argsort(lengths[rows], stable=True)]
+    chunks, begin = [], 0
+    widths = lengths[rows].tolist()
+    for i, w in enumerate(widths):
+        if i > begin and (i - begin + 1) * w > budget:
+            chunks.append(rows[begin:i])
+            begin = i
+    if begin < len(widths):
+        chunks.append(rows[begin:])
+    return chunks
+
+
 def pad_right(tokenizer, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids [B, S] and attention mask [B, S] of token id lists (`tokenizer.pad`; a
     tokenizer without a pad token gets id 0 there, which the mask hides)."""

@@ -65,3 +65,17 @@ def test_subject_last_position(tok, text, subject, last_piece):
 def test_subject_missing_is_an_error(tok):
     with pytest.raises(ValueError, match="not found"):
         subject_last_positions(tok, ["The capital is"], ["France"])
+
+
+def test_length_chunks_cover_rows_once_within_budget():
+    from editing.tokens import length_chunks
+
+    lengths = torch.tensor([5, 1, 9, 3, 3, 20, 2, 7])
+    chunks = length_chunks(lengths, budget=12)
+    flat = torch.cat(chunks).tolist()
+    assert sorted(flat) == list(range(8))                                  # every row once
+    assert [lengths[i] for i in flat] == sorted(lengths.tolist())          # shortest first
+    for c in chunks:
+        assert len(c) == 1 or len(c) * int(lengths[c].max()) <= 12         # the budget (a longer row alone)
+    sub = length_chunks(lengths, budget=100, rows=torch.tensor([5, 0, 2]))
+    assert [c.tolist() for c in sub] == [[0, 2, 5]]

@@ -16,7 +16,7 @@ from editing.editors.locate.keys import POSITIONS, Part, Position
 from editing.editors.locate.templates import fill
 from editing.layout import Layout
 from editing.precision import usable_autocast
-from editing.tokens import encode
+from editing.tokens import encode, length_chunks
 from editing.tuners.base import EditLayer
 from editing.validation import check_choice
 
@@ -133,20 +133,6 @@ def position_wise_from(layout: Layout, layer: int) -> bool:
     return all(m.position_wise for l in blocks for m in layout.block(l).modules() if isinstance(m, EditLayer))
 
 
-def _chunks(rows: torch.Tensor, span: torch.Tensor, budget: int) -> list[torch.Tensor]:
-    """`rows` (sorted by `span`, ascending) in consecutive chunks of at most `budget` positions once
-    padded to the chunk's longest row (at least one row each)."""
-    chunks, begin = [], 0
-    widths = span[rows].tolist()
-    for i, w in enumerate(widths):
-        if i > begin and (i - begin + 1) * w > budget:
-            chunks.append(rows[begin:i])
-            begin = i
-    if begin < len(widths):
-        chunks.append(rows[begin:])
-    return chunks
-
-
 def _optimise(lay: Layout, tokenizer, requests: list[EditRequest], cfg: TargetConfig, templates: list[str],
               truncated: bool, bar) -> Targets:
     sites = cfg.delta_sites()
@@ -232,12 +218,11 @@ def _optimise(lay: Layout, tokenizer, requests: list[EditRequest], cfg: TargetCo
         # Only the rows of requests still optimising run (a stopped request's delta is frozen), in
         # chunks of similar length so that little is spent on padding; gradients accumulate.
         rows = active[owner_t].nonzero().squeeze(1)
-        rows = rows[torch.argsort(span[rows], stable=True)]
         opt.zero_grad(set_to_none=True)
         nll = torch.zeros(u, device=device, dtype=work)
         kl = torch.zeros(u, device=device, dtype=work)
         prob = torch.zeros(u, device=device, dtype=work)  # mean over rows of exp(-mean token NLL)
-        for chunk in _chunks(rows, span, cfg.chunk_tokens):
+        for chunk in length_chunks(span, cfg.chunk_tokens, rows):
             own, rw = owner_t[chunk], is_rewrite[chunk]
             width = int(span[chunk].max())
             ctx = [hooks.add_at(modules[s.name], local_at[s.name][chunk], delta[own, j]) for j, s in enumerate(sites)]
