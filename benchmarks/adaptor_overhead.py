@@ -6,7 +6,9 @@ editor with its edits acting vs `disabled()` (the unedited model), interleaved i
 
 The editors come from the shipped configs; `--set method.key=value` overrides one setting, e.g.
 GRACE's value steps: the overhead depends on the codebook's size, not on its trained values, so a
-100-entry codebook can be built cheaply with one step per edit (say so when you report it).
+100-entry codebook can be built cheaply with one step per edit (say so when you report it). The same
+holds for LoRA's `steps` (the unmerged adaptor's shape) and MELO's `num_iter` (the router's database
+and the blocks exist whatever their training): `--set lora.steps=1 melo.num_iter=1`.
 """
 from __future__ import annotations
 
