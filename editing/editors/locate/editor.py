@@ -31,7 +31,10 @@ class LocateEditor(Editor):
     Args:
         layers: the MLP output projections edited (lowest first).
         mom2_update_weight: λ, the weight of the key covariance in the closed form.
-        corpus, stats_samples, stats_max_length: where E[kkᵀ] comes from (cached on disk).
+        corpus, stats_samples, stats_max_length: where E[kkᵀ] comes from (cached on disk). 1,000
+            texts by default (None: all): on SmolLM2 MEMIT's Score at 1,000 texts equals its Score
+            at all ~10k, and 250 or 500 are 0.16 below (benchmarks/results/stats_sweep.md); the
+            sweeps and lifelong curves of docs/ were measured at 1,000 or more.
         template_spec: [[length, count], ...] of generated context templates after "{}".
         template_seed: seed of the template generation.
         key_position: "subject_last" or "prompt_last".
@@ -53,7 +56,7 @@ class LocateEditor(Editor):
     key_weight = 1.0  # w in (λC + w KKᵀ)
 
     def __init__(self, layers: list[int] = [3, 4, 5, 6, 7], mom2_update_weight: float = 15000.0,
-                 corpus: str = "wiki-offline", stats_samples: int | None = None, stats_max_length: int = 256,
+                 corpus: str = "wiki-offline", stats_samples: int | None = 1000, stats_max_length: int = 256,
                  template_spec: list[list[int]] = [[10, 5]], template_seed: int = 0,
                  key_position: Position = "subject_last", v_steps: int = 25, v_lr: float = 0.5,
                  clamp_norm_factor: float = 0.75, v_weight_decay: float = 0.5, kl_factor: float = 0.0625,
