@@ -33,8 +33,7 @@ class LocateEditor(Editor):
         mom2_update_weight: λ, the weight of the key covariance in the closed form.
         corpus, stats_samples, stats_max_length: where E[kkᵀ] comes from (cached on disk). 1,000
             texts by default (None: all): on SmolLM2 MEMIT's Score at 1,000 texts equals its Score
-            at all ~10k, and 250 or 500 are 0.16 below (benchmarks/results/stats_sweep.md); the
-            sweeps and lifelong curves of docs/ were measured at 1,000 or more.
+            at all ~10k; AdaPLE's moves by up to 3 points with the count (docs/performance.md §2).
         template_spec: [[length, count], ...] of generated context templates after "{}".
         template_seed: seed of the template generation.
         key_position: "subject_last" or "prompt_last".
