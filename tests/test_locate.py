@@ -242,3 +242,57 @@ def test_scoring_in_length_order_returns_case_order(tiny_llama):
         assert torch.equal(getattr(small, key)[one.mask], getattr(one, key)[one.mask]), key
     torch.testing.assert_close(small.target_logprob, one.target_logprob, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(small.contrast_logprob, one.contrast_logprob, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+def whole_rows(ed, texts, spans, module, kind, layer):
+    """The old path: one forward over the padded batch of whole rows, captured at the subject."""
+    from editing import hooks
+    from editing.tokens import encode
+    b = encode(ed.tokenizer, texts, spans=spans)
+    with hooks.capture({"x": module}, kind, positions=b.subject_last) as cap:
+        hooks.run_until(ed.layout.backbone, ed.layout.block(layer), input_ids=b.input_ids,
+                        attention_mask=b.attention_mask, use_cache=False)
+    return cap["x"].float()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gptj", "gpt_neox"])
+def test_keys_and_values_from_cut_rows_equal_whole_rows(tiny_dirs, family):
+    """Rows cut after the subject and run in small length-sorted chunks give the whole rows' keys and
+    values (causal: later tokens do not reach the subject's last one)."""
+    from editing.editors.locate.templates import fill
+    if family not in tiny_dirs:
+        pytest.skip(f"no tiny {family}")
+    ed = MEMIT(base_model=str(tiny_dirs[family]), layers=[1])
+    texts, spans = map(list, zip(*(fill("{} and a long tail of words after it", r) for r in REQS)))
+    layer = 1
+    ref_k = whole_rows(ed, texts, spans, ed.layout.mlp_out(layer), "input", layer)
+    ref_v = whole_rows(ed, [fill("{}", r)[0] for r in REQS], [fill("{}", r)[1] for r in REQS],
+                       ed.layout.block(layer), "output", layer)
+    k = compute_keys(ed.layout, ed.tokenizer, REQS, layer, [["{} and a long tail of words after it"]],
+                     chunk_tokens=8)
+    torch.testing.assert_close(k, ref_k, atol=1e-5, rtol=1e-5)
+    v = current_values(ed.layout, ed.tokenizer, REQS, "block", layer, chunk_tokens=8)
+    torch.testing.assert_close(v, ref_v, atol=1e-5, rtol=1e-5)
+
+
+def test_keys_take_whole_rows_where_an_edit_layer_sees_later_tokens(tiny_llama):
+    """An edit layer below the key layer that looks at whole sequences (COMEBA-HK's z-scores, GRACE's
+    and iReVa's last token) must see the rows' later tokens: no cut there, only the chunking."""
+    from editing.tuners.base import EditLayer
+
+    class SequenceMean(EditLayer):
+        position_wise = False
+
+        def edit(self, x, out):   # every position gets the mean of the whole row
+            return out + out.mean(1, keepdim=True)
+
+    ed = MEMIT(base_model=tiny_llama, layers=[1])
+    ed.layout.inject(0, "mlp_out", SequenceMean)
+    template = "{} and a long tail of words after it"
+    from editing.editors.locate.templates import fill
+    texts, spans = map(list, zip(*(fill(template, r) for r in REQS[:1])))
+    ref = whole_rows(ed, texts, spans, ed.layout.mlp_out(1), "input", 1)
+    torch.testing.assert_close(compute_keys(ed.layout, ed.tokenizer, REQS[:1], 1, [[template]]), ref,
+                               atol=1e-5, rtol=1e-5)
+    SequenceMean.position_wise = True   # claiming otherwise cuts the rows, and the keys change
+    assert not torch.allclose(compute_keys(ed.layout, ed.tokenizer, REQS[:1], 1, [[template]]), ref, atol=1e-4)

@@ -218,3 +218,16 @@ def test_a_folder_that_is_no_known_layout_says_what_each_expects(tmp_path):
     (tmp_path / "stuff").mkdir()
     with pytest.raises(DataError, match="patterns/ and tuples/.*save_to_disk"):
         load_benchmark(str(tmp_path / "stuff"))
+
+
+def test_the_step_checks_target_logprob_is_the_same_in_chunks(tiny_llama):
+    """The step checks score the requests in length-sorted forwards of `forward_batch_size`; the mean
+    is each request's own mean target log-probability averaged, whatever the chunks."""
+    from editing.editors import checks
+
+    ed = FT(base_model=tiny_llama, layers=[1], forward_batch_size=2)
+    one = []
+    for r in REQS:
+        lp, b = ed.target_logprobs([r.text], [r.target_new])
+        one.append(float(lp.gather(-1, b.target_ids[..., None]).squeeze(-1).sum() / b.target_mask.sum()))
+    torch.testing.assert_close(checks.target_logprob(ed, REQS), sum(one) / len(one), atol=1e-5, rtol=1e-5)

@@ -28,6 +28,7 @@ from typing import Iterator
 import torch
 
 from editing.data.records import DataError, EditRequest
+from editing.tokens import join
 from editing.models import same_model
 
 log = logging.getLogger(__name__)
@@ -126,11 +127,20 @@ class StepProbe:
 
 
 def target_logprob(editor, requests: list[EditRequest]) -> float:
-    """Mean over requests of the mean token log-probability of target_new after the edit prompt."""
-    with torch.no_grad():
-        lp, b = editor.target_logprobs([r.text for r in requests], [r.target_new for r in requests])
-    tok = lp.gather(-1, b.target_ids[..., None]).squeeze(-1) * b.target_mask
-    return float((tok.sum(1) / b.target_mask.sum(1).clamp(min=1)).mean())
+    """Mean over requests of the mean token log-probability of target_new after the edit prompt, in
+    forwards of `forward_batch_size` requests of similar token length (1,000 requests in one padded
+    forward took 52 s and a [1000, T, V] log-softmax here)."""
+    texts = [join(editor.prepare_prompt(r.text), r.target_new) for r in requests]
+    lengths = [len(ids) for ids in editor.tokenizer(texts)["input_ids"]]
+    order = sorted(range(len(requests)), key=lengths.__getitem__)
+    chunk, total = max(1, editor.hparams.forward_batch_size), 0.0
+    for s in range(0, len(order), chunk):
+        part = [requests[i] for i in order[s:s + chunk]]
+        with torch.no_grad():
+            lp, b = editor.target_logprobs([r.text for r in part], [r.target_new for r in part])
+        tok = lp.gather(-1, b.target_ids[..., None]).squeeze(-1) * b.target_mask
+        total += float((tok.sum(1) / b.target_mask.sum(1).clamp(min=1)).sum())
+    return total / len(requests)
 
 
 def probe_entropy(editor) -> float:

@@ -68,6 +68,12 @@ class EditLayer(nn.Module):
         return f"active={self.active}" + (", merged=True" if self.merged else "")
 
 
+def position_wise(*roots: nn.Module) -> bool:
+    """Whether every edit layer inside `roots` is `position_wise`: a forward through them may then
+    leave out a row's positions after the one it reads, or cache the ones before the one it changes."""
+    return all(m.position_wise for root in roots for m in root.modules() if isinstance(m, EditLayer))
+
+
 def edit_layers(model: nn.Module) -> dict[str, EditLayer]:
     """Every edit layer in the model by module path (outermost first)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, EditLayer)}

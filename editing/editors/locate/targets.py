@@ -17,7 +17,7 @@ from editing.editors.locate.templates import fill
 from editing.layout import Layout
 from editing.precision import usable_autocast
 from editing.tokens import encode, length_chunks
-from editing.tuners.base import EditLayer
+from editing.tuners.base import position_wise
 from editing.validation import check_choice
 
 
@@ -129,8 +129,7 @@ def compute_targets(layout: Layout, tokenizer, requests: list[EditRequest], cfg:
 def position_wise_from(layout: Layout, layer: int) -> bool:
     """Whether every injected edit module in blocks `layer`..end computes each position from that
     position alone (a row's prefix can then be cached and left out of the forward)."""
-    blocks = range(layout.layer_index(layer), layout.num_layers)
-    return all(m.position_wise for l in blocks for m in layout.block(l).modules() if isinstance(m, EditLayer))
+    return position_wise(*(layout.block(l) for l in range(layout.layer_index(layer), layout.num_layers)))
 
 
 def _optimise(lay: Layout, tokenizer, requests: list[EditRequest], cfg: TargetConfig, templates: list[str],
