@@ -44,6 +44,15 @@ def editor_from_config(method: str, stats_samples: int | None = None, autocast: 
     return cls(**kwargs), (config.get("data") or {}).get("edit_batch_size", 1)
 
 
+def report(lines: list[str], out, payload: dict) -> str:
+    """Print a result table's lines and, with `out`, save them with `payload` (`save_results`)."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        save_results(out, text, payload)
+    return text
+
+
 def save_results(out, text: str, payload: dict) -> None:
     """<out>.md (the table, then the command that made it, as run from the repository root) and
     <out>.json (`payload`)."""

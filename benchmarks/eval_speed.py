@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from _common import editor_from_config, save_results
+from _common import editor_from_config, report
 from editing import hooks
 from editing.data import EvalCase, load_benchmark
 from editing.evaluation import Evaluation, score_prompts
@@ -102,11 +102,8 @@ def main() -> None:
         lines.append(f"| whole evaluation (teacher-forced, generated, drift) | {extra['full_evaluation_s']:.1f} | "
                      f"{extra['full_evaluation_s'] / floor_s:.2f} |")
     lines += ["", f"reliability {values['rewrite_acc']:.1f}, locality (unchanged) {values['neighborhood_unchanged']:.1f}"]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        save_results(args.out, text, dict(args=vars(args), prompts=n_prompts, tokens=tokens, floor_s=floor_s,
-                                          eval_s=eval_s, floor_runs=floor_runs, eval_runs=eval_runs, **extra))
+    report(lines, args.out, dict(args=vars(args), prompts=n_prompts, tokens=tokens, floor_s=floor_s,
+                                 eval_s=eval_s, floor_runs=floor_runs, eval_runs=eval_runs, **extra))
 
 
 if __name__ == "__main__":

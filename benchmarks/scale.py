@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from _common import save_results
+from _common import report
 
 PARTS = ("statistics", "targets", "keys", "solve", "evaluation")
 
@@ -108,10 +108,7 @@ def main() -> None:
                      f"{r['peak_gb']:.2f} | " + " | ".join(f"{100 * r['seconds'][p] / total:.0f}" for p in PARTS) +
                      f" | {100 * (1 - sum(r['seconds'].values()) / total):.0f}"
                      f" | {r['reliability']:.1f} | {r['generality']:.1f} | {r['locality']:.1f} | {r['score']:.1f} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        save_results(args.out, text, dict(args=vars(args), rows=rows))
+    report(lines, args.out, dict(args=vars(args), rows=rows))
 
 
 if __name__ == "__main__":

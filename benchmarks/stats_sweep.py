@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from _common import editor_from_config, save_results
+from _common import editor_from_config, report
 from editing.data import EvalCase, load_benchmark
 from editing.evaluation import evaluate
 
@@ -83,10 +83,7 @@ def main() -> None:
         diff = "" if ref is None else f"{r['score'] - ref['score']:+.1f}"
         lines.append(f"| {r['method']} | {r['size']} | {r['stats_s']:.0f} | {r['reliability']:.1f} | "
                      f"{r['generality']:.1f} | {r['locality']:.1f} | {r['score']:.1f} | {diff} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        save_results(args.out, text, dict(args=vars(args), rows=rows))
+    report(lines, args.out, dict(args=vars(args), rows=rows))
 
 
 if __name__ == "__main__":

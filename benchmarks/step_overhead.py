@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from _common import editor_from_config, save_results
+from _common import editor_from_config, report
 from editing import hooks
 from editing.data import load_benchmark
 from editing.editors import checks
@@ -76,10 +76,7 @@ def main() -> None:
              f"{args.threads or torch.get_num_threads()} thread(s)", "",
              "| what | one padded forward s | chunked s | speed-up | max difference (absolute; relative to each value's norm) |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {what} | {a:.1f} | {b:.1f} | {a / b:.1f}x | {d:.1e} |" for what, a, b, d in rows]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        save_results(args.out, text, dict(args=vars(args), rows=rows))
+    report(lines, args.out, dict(args=vars(args), rows=rows))
 
 
 if __name__ == "__main__":

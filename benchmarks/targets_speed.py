@@ -27,7 +27,7 @@ from dataclasses import replace
 
 import torch
 
-from _common import save_results
+from _common import report
 from editing import hooks
 from editing.data import load_benchmark
 from editing.editors import MEMIT
@@ -110,11 +110,8 @@ def main() -> None:
     lines += ["", f"The default (prefix cache, float32, early stop at loss < {editor.target_config().early_stop_loss}): "
               f"{early_s:.1f} s, {early.steps} steps at most (the slowest request), mean loss "
               f"{float(early.loss.mean()):.4f}; {ref['seconds'] / early_s:.1f}x the fixed-step reference."]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        save_results(args.out, text, dict(args=vars(args), rows=rows, early_stop=dict(
-            seconds=early_s, steps=early.steps, mean_loss=float(early.loss.mean()))))
+    report(lines, args.out, dict(args=vars(args), rows=rows, early_stop=dict(
+        seconds=early_s, steps=early.steps, mean_loss=float(early.loss.mean()))))
 
 
 if __name__ == "__main__":
