@@ -129,7 +129,8 @@ class StepProbe:
 def target_logprob(editor, requests: list[EditRequest]) -> float:
     """Mean over requests of the mean token log-probability of target_new after the edit prompt, in
     forwards of `forward_batch_size` requests of similar token length (1,000 requests in one padded
-    forward took 52 s and a [1000, T, V] log-softmax here)."""
+    forward took about 50 s and a [1000, T, V] log-softmax on SmolLM2). Sorting by token length
+    costs a tokenisation (about 0.1 s for 1,000 requests) and saved 4 s against sorting by characters."""
     texts = [join(editor.prepare_prompt(r.text), r.target_new) for r in requests]
     lengths = [len(ids) for ids in editor.tokenizer(texts)["input_ids"]]
     order = sorted(range(len(requests)), key=lengths.__getitem__)
